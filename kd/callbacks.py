@@ -1,0 +1,60 @@
+"""Small callbacks Lightning does not ship: training throughput and one plain line per epoch."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import lightning as L
+import torch
+
+log = logging.getLogger("kd")
+
+
+class TrainThroughput(L.Callback):
+    """Images per second over the training batches, data loading included, validation excluded."""
+
+    def __init__(self) -> None:
+        self.images = 0
+        self.seconds = 0.0
+        self._last: float | None = None
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._last = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        now = time.perf_counter()
+        self.seconds += now - self._last
+        self._last = now
+        self.images += batch[0].shape[0] * trainer.world_size
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+
+class EpochLine(L.Callback):
+    """One log line per epoch with the key metrics: readable where no progress bar can draw (CI logs)."""
+
+    keys = ("train/loss", "student/top1", "student/top5", "agreement")
+
+    def __init__(self) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        metrics = trainer.callback_metrics
+        parts = [f"{k} {float(metrics[k]):.4f}" for k in self.keys if isinstance(metrics.get(k), torch.Tensor)]
+        lr = trainer.optimizers[0].param_groups[0]["lr"] if trainer.optimizers else float("nan")
+        log.info(
+            "epoch %d/%d  %s  lr %.4g  %.1f s",
+            trainer.current_epoch + 1,
+            trainer.max_epochs,
+            "  ".join(parts),
+            lr,
+            time.perf_counter() - self._start,
+        )

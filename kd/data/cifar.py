@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+import torch
+from torchvision import datasets
+from torchvision.transforms import v2 as T
+
+from kd.data.base import ClassificationData
+from kd.errors import KdError
+
+
+class CifarData(ClassificationData):
+    """CIFAR-10/100 through torchvision; training views: 4-pixel padded random crop + flip."""
+
+    def __init__(
+        self,
+        root: str,
+        classes: int = 10,
+        download: bool = False,
+        batch_size: int = 128,
+        num_workers: int = 2,
+        eval_batch_size: int | None = None,
+    ) -> None:
+        super().__init__(batch_size, num_workers, eval_batch_size)
+        if classes not in (10, 100):
+            raise KdError(f"data.classes={classes} is not a CIFAR variant; use 10 or 100")
+        self.root = root
+        self.dataset = datasets.CIFAR10 if classes == 10 else datasets.CIFAR100
+        self.download = download
+        self.class_names = [str(i) for i in range(classes)]
+
+    def prepare_data(self) -> None:
+        try:
+            self.dataset(self.root, train=True, download=self.download)
+        except RuntimeError:
+            raise KdError(
+                f"CIFAR not found under {self.root}; pass data.download=true or point data.root at it"
+            ) from None
+
+    def setup(self, stage: str | None = None) -> None:
+        if hasattr(self, "train_set"):
+            return
+        to_float = [T.ToImage(), T.ToDtype(torch.float32, scale=True)]
+        train = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), *to_float])
+        self.train_set = self.dataset(self.root, train=True, transform=train)
+        self.val_set = self.dataset(self.root, train=False, transform=T.Compose(to_float))
+        self.class_names = list(self.train_set.classes)

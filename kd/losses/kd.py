@@ -1,0 +1,33 @@
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from kd.errors import KdError
+from kd.losses.base import DistillationLoss
+
+
+class HintonKD(DistillationLoss):
+    """Hinton et al. 2015: ``alpha * CE(student, label) + (1 - alpha) * T^2 * KL(p_t^T || p_s^T)``.
+
+    ``p^T`` is the softmax at temperature T; KL is summed over classes and averaged over the batch.
+    The T^2 factor keeps the soft-target gradients at the same scale whatever T is.
+    """
+
+    def __init__(self, temperature: float = 4.0, alpha: float = 0.0) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise KdError(f"loss.temperature={temperature} must be positive; 4 is the usual choice")
+        if not 0.0 <= alpha <= 1.0:
+            raise KdError(f"loss.alpha={alpha} must lie in [0, 1]; it weights the label term")
+        self.temperature = temperature
+        self.alpha = alpha
+
+    def terms(self, student_logits, teacher_logits, target):
+        t = self.temperature
+        log_student = F.log_softmax(student_logits.float() / t, dim=1)
+        log_teacher = F.log_softmax(teacher_logits.float() / t, dim=1)
+        kl = F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True)
+        terms = {"kd": (1.0 - self.alpha) * t * t * kl}
+        if self.alpha > 0:
+            terms["ce"] = self.alpha * F.cross_entropy(student_logits.float(), target)
+        return terms

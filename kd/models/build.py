@@ -1,0 +1,64 @@
+"""Build a Classifier from a model config: architecture + weights from their source."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from kd.errors import KdError
+from kd.models.classifier import Classifier
+from kd.teachers.weights import NO_WEIGHTS, is_local_file, load_into, read_state_dict, timm_pretrained_state
+
+log = logging.getLogger(__name__)
+
+# Called for ``weights: auto``: trains the model once on the run's data and returns the cached file.
+ObtainWeights = Callable[[DictConfig, str], Path]
+
+
+def instantiate_arch(model_cfg: DictConfig):
+    return instantiate(model_cfg.arch)
+
+
+def build_classifier(
+    model_cfg: DictConfig, num_classes: int, role: str, obtain_auto: ObtainWeights | None = None
+) -> Classifier:
+    """``role`` is "teacher" or "student"; only a student may get a new classifier for another class count."""
+    arch = instantiate_arch(model_cfg)
+    net = arch.build(num_classes)
+    source = model_cfg.get("weights")
+    name = model_cfg.get("name", "model")
+    pretrained_cfg = None
+    if source in NO_WEIGHTS:
+        log.info("%s %s: no weights given, random initialization", role, name)
+        return Classifier(net, arch.preprocessing())
+    if source == "auto":
+        if obtain_auto is None:
+            raise KdError(f"{role}.weights=auto needs a training run to obtain them; give {role}.weights=FILE")
+        state, description = read_state_dict(obtain_auto(model_cfg, role)), f"{role}.weights=auto"
+    elif is_local_file(str(source)):
+        state, description = read_state_dict(source), str(source)
+    else:
+        tag = arch.model_name if source == "pretrained" else str(source)
+        state, pretrained_cfg = timm_pretrained_state(tag)
+        description = f"timm:{tag}"
+    replaced = load_into(net, state, arch.classifier_prefixes(net), description)
+    if replaced and role == "teacher":
+        raise KdError(
+            f"teacher weights {description} were trained for another number of classes than the "
+            f"dataset's {num_classes}; give a teacher trained on this dataset (task=train makes one)"
+        )
+    if replaced:
+        log.info(
+            "%s %s: loaded %s with a new %d-class classifier (the weights had another class count)",
+            role,
+            name,
+            description,
+            num_classes,
+        )
+    else:
+        log.info("%s %s: loaded %s", role, name, description)
+    return Classifier(net, arch.preprocessing(pretrained_cfg))

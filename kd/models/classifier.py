@@ -1,0 +1,46 @@
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How images must be prepared for a network: what its weights were trained with."""
+
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    input_size: tuple[int, int, int]  # (channels, height, width)
+    interpolation: str = "bilinear"
+    crop_pct: float = 0.875
+
+    @property
+    def in_chans(self) -> int:
+        return self.input_size[0]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Classifier(nn.Module):
+    """A network plus its own input normalization.
+
+    Data modules yield images in [0, 1]; each model normalizes them with its own mean and std here,
+    so a teacher and a student trained with different statistics both see the same view correctly.
+    """
+
+    def __init__(self, net: nn.Module, preprocessing: Preprocessing) -> None:
+        super().__init__()
+        self.net = net
+        self.preprocessing = preprocessing
+        shape = (1, preprocessing.in_chans, 1, 1)
+        # Not persistent: checkpoints and exported weights hold the network's own keys only.
+        self.register_buffer("mean", torch.tensor(preprocessing.mean).view(shape), persistent=False)
+        self.register_buffer("std", torch.tensor(preprocessing.std).view(shape), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[1] == 1 and self.preprocessing.in_chans == 3:
+            images = images.expand(-1, 3, -1, -1)  # grayscale data into an RGB network
+        return self.net((images - self.mean) / self.std)

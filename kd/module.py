@@ -1,0 +1,123 @@
+"""The LightningModule: a trainable student, a frozen teacher beside it, a loss that compares them."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import lightning as L
+import torch
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy
+
+from kd.errors import KdError
+from kd.losses.base import DistillationLoss
+from kd.models import Classifier
+from kd.teachers import FrozenTeacher
+
+OptimizerFactory = Callable[..., torch.optim.Optimizer]
+SchedulerFactory = Callable[..., object]
+
+
+def accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:
+    metrics = {"top1": MulticlassAccuracy(num_classes, top_k=1, average="micro")}
+    if num_classes > 5:
+        metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
+    return MetricCollection(metrics, prefix=prefix)
+
+
+class DistillationModule(L.LightningModule):
+    """Trains ``student`` with ``loss(student_logits, teacher_logits, target)``.
+
+    With ``teacher=None`` it is plain supervised training (``task=train``). The teacher is kept out of
+    the module's registered children on purpose: it is never in ``parameters()``, ``state_dict()``,
+    the optimizer or a DDP wrapper, and ``.train()`` cannot reach it.
+    """
+
+    def __init__(
+        self,
+        student: Classifier,
+        loss: DistillationLoss,
+        optimizer: OptimizerFactory,
+        scheduler: SchedulerFactory | None,
+        num_classes: int,
+        teacher: FrozenTeacher | None = None,
+    ) -> None:
+        super().__init__()
+        if teacher is None and loss.uses_teacher:
+            raise KdError(
+                f"loss {type(loss).__name__} needs a teacher, but this task trains on labels only; use loss=ce"
+            )
+        self.student = student
+        self.loss = loss
+        self.__dict__["teacher"] = teacher  # bypasses nn.Module registration, see the class docstring
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = scheduler
+        self.val_student = accuracy_metrics(num_classes, "student/")
+        if teacher is not None:
+            self.val_teacher = accuracy_metrics(num_classes, "teacher/")
+            self.val_agreement = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+
+    teacher: FrozenTeacher | None
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.student(images)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, target = batch
+        teacher_logits = self.teacher(images) if self.loss.uses_teacher else None
+        student_logits = self.student(images)
+        loss = self.loss(student_logits, teacher_logits, target)
+        if not torch.isfinite(loss):
+            raise KdError(
+                f"the loss became {loss.item()} at step {self.global_step} (terms: "
+                f"{ {k: round(v.item(), 4) for k, v in self.loss.last_terms.items()} }); "
+                "lower optim.lr or check the inputs"
+            )
+        batch_size = images.shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
+        if len(self.loss.last_terms) > 1:
+            self.log_dict({f"train/loss/{k}": v for k, v in self.loss.last_terms.items()}, batch_size=batch_size)
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        images, target = batch
+        student_logits = self.student(images)
+        self.val_student.update(student_logits, target)
+        self.log_dict(self.val_student, prog_bar=True)
+        if self.teacher is not None:
+            teacher_logits = self.teacher(images)
+            self.val_teacher.update(teacher_logits, target)
+            self.val_agreement.update(student_logits, teacher_logits.argmax(dim=1))
+            self.log_dict(self.val_teacher)
+            self.log("agreement", self.val_agreement)
+
+    test_step = validation_step
+
+    def configure_optimizers(self):
+        # self.parameters(): the student and any trainable loss parts (feature adapters), never the teacher.
+        optimizer = self.optimizer_factory(self.parameters())
+        if self.scheduler_factory is None:
+            return optimizer
+        total_steps = int(self.trainer.estimated_stepping_batches)
+        epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        scheduler = self.scheduler_factory(
+            optimizer, total_steps=total_steps, steps_per_epoch=max(1, math.ceil(total_steps / epochs))
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        # timm schedulers take the number of finished updates, i.e. the index of the next step.
+        scheduler.step_update(num_updates=self.global_step)
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        if self.teacher is not None:
+            checkpoint["teacher_fingerprint"] = self.teacher.start_fingerprint
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        saved = checkpoint.get("teacher_fingerprint")
+        if self.teacher is not None and saved and saved != self.teacher.start_fingerprint:
+            raise KdError(
+                "the checkpoint was distilled from another teacher (fingerprint "
+                f"{saved[:12]} != {self.teacher.start_fingerprint[:12]}); resume with the same teacher"
+            )

@@ -1,0 +1,21 @@
+"""The short table a run ends with."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+ROWS = (
+    ("teacher/top1", "teacher top-1"),
+    ("student_init/top1", "student top-1 before"),
+    ("student/top1", "student top-1 after"),
+    ("agreement", "teacher-student agreement"),
+)
+
+
+def print_summary(task: str, metrics: dict[str, float]) -> None:
+    table = Table(title=f"kd {task}: validation results", show_header=False)
+    for key, label in ROWS:
+        if key in metrics:
+            table.add_row(label, f"{100 * metrics[key]:.2f}%")
+    Console().print(table)

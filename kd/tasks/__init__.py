@@ -1,0 +1,1 @@
+"""Tasks, chosen by ``task=``: distill (default), train, eval. Each takes the composed config."""

@@ -1,0 +1,122 @@
+"""What every task shares: building data, models, trainer and loggers from the config; results."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import LearningRateMonitor
+from omegaconf import DictConfig, OmegaConf
+
+from kd.callbacks import EpochLine
+from kd.data import ClassificationData
+from kd.errors import KdError
+from kd.io import write_json_atomic
+from kd.models import Classifier
+from kd.models.build import ObtainWeights, build_classifier
+from kd.teachers import FrozenTeacher
+
+log = logging.getLogger("kd")
+
+
+def choices(cfg: DictConfig) -> dict[str, str]:
+    """The config-group options this run was composed from (``teacher=resnet152_vd`` -> resnet152_vd)."""
+    try:
+        chosen = HydraConfig.get().runtime.choices
+    except ValueError:  # composed without @hydra.main (tests): compose(..., return_hydra_config=True)
+        chosen = OmegaConf.select(cfg, "hydra.runtime.choices") or {}
+    return {key: str(value) for key, value in dict(chosen).items() if not key.startswith("hydra")}
+
+
+def output_dir(cfg: DictConfig) -> Path:
+    path = Path(cfg.paths.output_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError as error:
+        raise KdError(
+            f"output folder {path} cannot be written ({error.strerror}); choose another with hydra.run.dir=DIR"
+        ) from None
+    return path
+
+
+def build_data(cfg: DictConfig, student_cfg: DictConfig) -> ClassificationData:
+    """Instantiate the data module; image size, interpolation and crop left null follow the student."""
+    from kd.models.build import instantiate_arch
+
+    data_cfg = cfg.data
+    follow = [key for key in ("image_size", "interpolation", "crop_pct") if key in data_cfg and data_cfg[key] is None]
+    overrides: dict[str, Any] = {}
+    if follow:
+        preprocessing = instantiate_arch(student_cfg).preprocessing()
+        student_view = {
+            "image_size": preprocessing.input_size[-1],
+            "interpolation": preprocessing.interpolation,
+            "crop_pct": preprocessing.crop_pct,
+        }
+        overrides = {key: student_view[key] for key in follow}
+    if data_cfg.get("batch_size", 1) < 1:
+        raise KdError(f"data.batch_size={data_cfg.batch_size} must be at least 1")
+    data = instantiate(data_cfg, **overrides)
+    data.prepare_data()
+    data.setup("fit")
+    return data
+
+
+def build_teacher(cfg: DictConfig, num_classes: int, obtain_auto: ObtainWeights | None) -> FrozenTeacher:
+    model = build_classifier(cfg.teacher, num_classes, "teacher", obtain_auto)
+    return FrozenTeacher(model, bn_train_mode=bool(cfg.teacher.get("bn_train_mode", False)))
+
+
+def build_student(cfg: DictConfig, num_classes: int, obtain_auto: ObtainWeights | None) -> Classifier:
+    return build_classifier(cfg.student, num_classes, "student", obtain_auto)
+
+
+def optimizer_factory(cfg: DictConfig) -> partial:
+    if cfg.optim.lr <= 0:
+        raise KdError(f"optim.lr={cfg.optim.lr} must be positive")
+    return instantiate(cfg.optim)
+
+
+def build_trainer(cfg: DictConfig, out: Path, extra_callbacks: list[L.Callback] = ()) -> L.Trainer:
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    interactive = sys.stdout.isatty()
+    if trainer_cfg.get("enable_progress_bar") is None:
+        trainer_cfg["enable_progress_bar"] = interactive
+    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    if not loggers:  # logger=none: nothing to record the LR to
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    if not trainer_cfg["enable_progress_bar"]:
+        callbacks.append(EpochLine())
+    return instantiate(
+        trainer_cfg, default_root_dir=str(out), callbacks=callbacks + list(extra_callbacks), logger=loggers or False
+    )
+
+
+def validate(trainer: L.Trainer, module: L.LightningModule, data: ClassificationData) -> dict[str, float]:
+    [metrics] = trainer.validate(module, datamodule=data, verbose=False)
+    return {key: float(value) for key, value in metrics.items()}
+
+
+def write_results(out: Path, cfg: DictConfig, task: str, **extra: Any) -> Path:
+    chosen = choices(cfg)
+    results = {
+        "task": task,
+        **({"teacher": chosen.get("teacher")} if task != "train" else {}),
+        "student": chosen.get("student"),
+        "loss": chosen.get("loss"),
+        "data": chosen.get("data"),
+        "seed": cfg.seed,
+        **extra,
+        "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
+    }
+    return write_json_atomic(out / "results.json", results)

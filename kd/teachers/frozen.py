@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+from kd.errors import KdError
+from kd.models import Classifier
+
+
+def fingerprint(module: nn.Module) -> str:
+    """sha256 over every parameter and buffer (names, dtypes, shapes and bytes), in key order."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"{name}|{flat.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class FrozenTeacher(nn.Module):
+    """A teacher that never changes: no gradients, eval mode whatever Lightning asks, outputs only.
+
+    It is deliberately *not* registered as a submodule of the LightningModule, so it stays out of
+    the optimizer, the checkpoint and any DDP wrapper. With ``bn_train_mode`` BatchNorm normalizes
+    with batch statistics (as SSLD did) without writing any running statistic or counter.
+    """
+
+    def __init__(self, model: Classifier, bn_train_mode: bool = False) -> None:
+        super().__init__()
+        self.model = model.requires_grad_(False)
+        self.bn_train_mode = bn_train_mode
+        self.train(False)
+        self.start_fingerprint = fingerprint(self)
+
+    @property
+    def preprocessing(self):
+        return self.model.preprocessing
+
+    def train(self, mode: bool = True) -> FrozenTeacher:
+        super().train(False)
+        if self.bn_train_mode:
+            for module in self.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    # training=True with track_running_stats=False: batch statistics, no buffer update.
+                    module.train(True)
+                    module.track_running_stats = False
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if next(self.model.parameters()).device != images.device:
+            self.to(images.device)
+        with torch.inference_mode():
+            logits = self.model(images)
+        # A normal tensor (not an inference tensor), so losses can save it for the student's backward.
+        return logits.clone()
+
+    def check_unchanged(self) -> str:
+        end = fingerprint(self)
+        if end != self.start_fingerprint:
+            raise KdError(
+                f"the teacher changed during the run (fingerprint {self.start_fingerprint[:12]} -> {end[:12]}); "
+                "this is a bug in kd or in a custom loss, please report it with the config"
+            )
+        return end

@@ -1,0 +1,18 @@
+"""kd entry point: ``python run.py [task=distill|train|eval] [group=option ...] [key=value ...]``."""
+
+import hydra
+from omegaconf import DictConfig
+
+from kd.cli import run_task
+from kd.config import register_models
+
+register_models()
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    return run_task(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""Every option of every config group composes with the rest and instantiates."""
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from hydra.utils import instantiate
+
+from kd.config import CONF_DIR
+from kd.data import ClassificationData
+from kd.losses import DistillationLoss
+
+GROUPS = ("data", "loss", "optim", "sched", "trainer", "logger", "callbacks", "task", "experiment")
+MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def imagefolder_tree(root: Path, classes: int) -> Path:
+    for split in ("train", "val"):
+        for index in range(classes):
+            (root / split / f"class{index:04d}").mkdir(parents=True)
+    return root
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_group_has_options(group):
+    assert options(group), group
+
+
+@pytest.mark.parametrize("option", options("data"))
+def test_data_options_instantiate(make_cfg, tmp_path, option):
+    classes = 1000 if option == "imagenet" else 3
+    root = imagefolder_tree(tmp_path / "images", classes)
+    needs_root = option in ("imagefolder", "imagenet")
+    cfg = make_cfg(f"data={option}", *([f"data.root={root}"] if needs_root else []))
+    data = instantiate(cfg.data)
+    assert isinstance(data, ClassificationData) and data.num_classes > 1
+
+
+@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("role", ["teacher", "student"])
+def test_model_options_build(make_cfg, role, name):
+    cfg = make_cfg(f"{role}={name}")
+    arch = instantiate(cfg[role].arch)
+    net = arch.build(num_classes=7)
+    channels, height, width = arch.preprocessing().input_size
+    size = min(height, 64)
+    out = net(torch.zeros(2, channels, size, size))
+    assert out.shape == (2, 7)
+    assert cfg[role].name == name
+
+
+@pytest.mark.parametrize("option", options("loss"))
+def test_loss_options_instantiate(make_cfg, option):
+    loss = instantiate(make_cfg(f"loss={option}").loss)
+    assert isinstance(loss, DistillationLoss)
+    value = loss(torch.randn(4, 10), torch.randn(4, 10), torch.randint(0, 10, (4,)))
+    assert value.ndim == 0 and torch.isfinite(value)
+
+
+@pytest.mark.parametrize("optim", options("optim"))
+@pytest.mark.parametrize("sched", options("sched"))
+def test_optim_and_sched_options_instantiate(make_cfg, optim, sched):
+    cfg = make_cfg(f"optim={optim}", f"sched={sched}")
+    optimizer = instantiate(cfg.optim)([torch.nn.Parameter(torch.zeros(3))])
+    scheduler = instantiate(cfg.sched)(optimizer, total_steps=100, steps_per_epoch=10)
+    scheduler.step_update(50)
+    assert 0 < optimizer.param_groups[0]["lr"] < cfg.optim.lr
+
+
+@pytest.mark.parametrize("option", options("trainer"))
+def test_trainer_options_instantiate(make_cfg, option):
+    assert isinstance(instantiate(make_cfg(f"trainer={option}").trainer), L.Trainer)
+
+
+@pytest.mark.parametrize("group", ["logger", "callbacks"])
+def test_logger_and_callback_options_instantiate(make_cfg, group):
+    for option in options(group):
+        node = make_cfg(f"{group}={option}")[group] or {}
+        for item in node.values():
+            assert instantiate(item) is not None
+
+
+@pytest.mark.parametrize("option", options("task"))
+def test_task_options_are_callables(make_cfg, option):
+    assert callable(instantiate(make_cfg(f"task={option}").task))
+
+
+@pytest.mark.parametrize("option", options("experiment"))
+def test_experiment_options_compose(make_cfg, option):
+    cfg = make_cfg(f"experiment={option}")
+    assert cfg.teacher.name and cfg.student.name
