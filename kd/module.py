@@ -14,6 +14,7 @@ from kd.errors import KdError
 from kd.losses.base import DistillationLoss
 from kd.models import Classifier
 from kd.teachers import FrozenTeacher
+from kd.teachers.cache import CachedTeacher
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., object]
@@ -41,7 +42,7 @@ class DistillationModule(L.LightningModule):
         optimizer: OptimizerFactory,
         scheduler: SchedulerFactory | None,
         num_classes: int,
-        teacher: FrozenTeacher | None = None,
+        teacher: FrozenTeacher | CachedTeacher | None = None,
     ) -> None:
         super().__init__()
         if teacher is None and loss.uses_teacher:
@@ -58,14 +59,14 @@ class DistillationModule(L.LightningModule):
             self.val_teacher = accuracy_metrics(num_classes, "teacher/")
             self.val_agreement = MulticlassAccuracy(num_classes, top_k=1, average="micro")
 
-    teacher: FrozenTeacher | None
+    teacher: FrozenTeacher | CachedTeacher | None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.student(images)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        images, target = batch
-        teacher_logits = self.teacher(images) if self.loss.uses_teacher else None
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, target, view_ids = batch  # view_ids: (epoch, sample index) per image, see kd.data.views
+        teacher_logits = self.teacher(images, view_ids) if self.loss.uses_teacher else None
         student_logits = self.student(images)
         loss = self.loss(student_logits, teacher_logits, target)
         if not torch.isfinite(loss):

@@ -66,6 +66,7 @@ def build_data(cfg: DictConfig, student_cfg: DictConfig) -> ClassificationData:
     if data_cfg.get("batch_size", 1) < 1:
         raise KdError(f"data.batch_size={data_cfg.batch_size} must be at least 1")
     data = instantiate(data_cfg, **overrides)
+    data.seed = int(cfg.seed)  # decides the training order and every random view (kd.data.views)
     data.prepare_data()
     data.setup("fit")
     return data
@@ -73,7 +74,12 @@ def build_data(cfg: DictConfig, student_cfg: DictConfig) -> ClassificationData:
 
 def build_teacher(cfg: DictConfig, num_classes: int, obtain_auto: ObtainWeights | None) -> FrozenTeacher:
     model = build_classifier(cfg.teacher, num_classes, "teacher", obtain_auto)
-    return FrozenTeacher(model, bn_train_mode=bool(cfg.teacher.get("bn_train_mode", False)))
+    return FrozenTeacher(
+        model,
+        bn_train_mode=bool(cfg.teacher.get("bn_train_mode", False)),
+        channels_last=bool(cfg.teacher.get("channels_last", True)),
+        compile=bool(cfg.teacher.get("compile", False)),
+    )
 
 
 def build_student(cfg: DictConfig, num_classes: int, obtain_auto: ObtainWeights | None) -> Classifier:

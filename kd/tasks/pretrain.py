@@ -83,8 +83,11 @@ class PretrainedCache:
     def train(self, model_cfg: DictConfig, path: Path) -> tuple[float, float]:
         recipe = model_cfg.pretrain
         start = time.perf_counter()
+        run_seed = self.data.seed
         with torch.random.fork_rng():  # the run's own seed stays untouched
             L.seed_everything(recipe.get("seed", 0), verbose=False)
+            # The cached weights depend on the recipe only: their views and order too, not the run's seed.
+            self.data.seed = recipe.get("seed", 0)
             arch = instantiate(model_cfg.arch)
             student = Classifier(arch.build(self.data.num_classes), arch.preprocessing())
             module = DistillationModule(
@@ -105,7 +108,10 @@ class PretrainedCache:
                 num_sanity_val_steps=0,
                 check_val_every_n_epoch=recipe.epochs,
             )  # validate once, at the end
-            trainer.fit(module, datamodule=self.data)
+            try:
+                trainer.fit(module, datamodule=self.data)
+            finally:
+                self.data.seed = run_seed
         top1, seconds = float(trainer.callback_metrics["student/top1"]), time.perf_counter() - start
         state = {k: v.contiguous() for k, v in student.net.state_dict().items()}
         write_atomic(path, lambda tmp: save_file(state, str(tmp)))

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from kd.callbacks import TrainThroughput
 from kd.module import DistillationModule
 from kd.report import print_summary
+from kd.tasks.cache_teacher import cached_teacher
 from kd.tasks.common import (
     build_data,
     build_student,
@@ -44,6 +45,8 @@ def fit(cfg: DictConfig, task: str) -> dict:
     data = build_data(cfg, cfg.student)
     obtain_auto = PretrainedCache(cfg.paths.cache_dir, cfg.data, data, cfg.trainer.get("accelerator", "auto"))
     teacher = build_teacher(cfg, data.num_classes, obtain_auto) if task == "distill" else None
+    if teacher is not None and cfg.teacher.get("cache") and loss.uses_teacher:
+        teacher = cached_teacher(cfg, teacher, data)  # the training step reads stored outputs
     student = build_student(cfg, data.num_classes, obtain_auto)
     module = DistillationModule(student, loss, optimizer, scheduler, data.num_classes, teacher)
 
