@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from kd.tasks.pretrain import PretrainedCache
 from kd.tasks.train import fit
 from kd.teachers import FrozenTeacher
 from kd.teachers.cache import decode, encode, resolve_topk
-from tests.conftest import FAST, ROOT
+from tests.conftest import FAST, ROOT, run_cli
 
 # Short runs: 2 epochs of 4 steps, enough to see every step's loss move.
 SHORT = [*FAST, "trainer.limit_train_batches=4"]
@@ -240,3 +241,21 @@ def test_a_damaged_or_unlisted_epoch_file_is_written_again(make_cfg, tmp_path):
 def test_bn_train_mode_cannot_be_cached(make_cfg, tmp_path):
     with pytest.raises(KdError, match="bn_train_mode=true"):
         open_cache(make_cfg(*FAST, f"teacher.cache={tmp_path}", "teacher.bn_train_mode=true"))
+
+
+def test_task_cache_teacher_fills_the_cache_that_distill_then_reads(make_cfg, tmp_path, cache_dir):
+    cache = tmp_path / "teacher-outputs"
+    result = run_cli(*FAST, "task=cache_teacher", f"teacher.cache={cache}", cwd=tmp_path, cache_dir=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["task"] == "cache_teacher" and results["epochs"] == 2 and results["epochs_written"] == [0, 1]
+    assert json.loads((Path(results["cache"]) / "manifest.json").read_text())["epochs"] == [0, 1]
+    _, written = open_cache(make_cfg(*FAST, f"teacher.cache={cache}", "loss=soft_ce"), epochs=2)
+    assert written == []
+
+
+def test_task_cache_teacher_without_a_folder_stops_with_one_sentence(tmp_path, cache_dir):
+    result = run_cli("task=cache_teacher", cwd=tmp_path, cache_dir=cache_dir)
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: task=cache_teacher needs a folder to write to; pass teacher.cache=DIR"
+    assert not (tmp_path / "results.json").exists()

@@ -124,3 +124,14 @@ def test_a_transform_drawing_from_python_random_is_refused(image_folder):
     views = SeededViews(ImageFolder(str(image_folder), transform=transform), seed=0)
     with pytest.raises(KdError, match="outside torch's generator"):
         check_reproducible(views, probes=6)
+
+
+def test_under_ddp_lightning_shards_the_view_sampler_and_forwards_the_epoch():
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+    shards = [DistributedSamplerWrapper(ViewSampler(10, seed=0), num_replicas=2, rank=rank) for rank in (0, 1)]
+    for shard in shards:
+        shard.set_epoch(3)  # what Lightning calls before each epoch
+    keys = [list(shard) for shard in shards]
+    assert {epoch for part in keys for epoch, _ in part} == {3}
+    assert sorted(index for part in keys for _, index in part) == list(range(10))

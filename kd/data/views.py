@@ -56,7 +56,11 @@ class SeededViews(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, key: ViewId | int) -> tuple[torch.Tensor, int, torch.Tensor]:
-        epoch, index = (0, key) if isinstance(key, int) else key
+        try:
+            epoch, index = key
+        except TypeError:  # a bare index (a sequential sampler swapped in by Lightning's overfit_batches)
+            epoch, index = 0, key
+        epoch, index = int(epoch), int(index)
         generator = torch.default_generator
         state = generator.get_state()  # ~3 us; torch.random.fork_rng costs ~150 us per sample here
         generator.manual_seed(view_seed(self.seed, epoch, index))

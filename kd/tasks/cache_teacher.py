@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import time
-from pathlib import Path
 
 import lightning as L
 import numpy as np
@@ -39,8 +38,9 @@ def content_digest(dataset: Dataset) -> str | None:
     an ImageFolder (relative paths and classes), the tensors of the digits set, the arrays of CIFAR."""
     digest = hashlib.sha256()
     if hasattr(dataset, "samples"):
-        root = Path(getattr(dataset, "root", "/"))  # relative paths: moving the dataset keeps its cache
-        digest.update(json.dumps([(str(Path(path).relative_to(root)), c) for path, c in dataset.samples]).encode())
+        prefix = str(getattr(dataset, "root", "")).rstrip("/") + "/"  # the config already says where they are
+        relative = [(path.removeprefix(prefix), label) for path, label in dataset.samples]
+        digest.update(json.dumps(relative).encode())
     elif isinstance(getattr(dataset, "images", None), torch.Tensor):
         for tensor in (dataset.images, dataset.labels):
             digest.update(tensor.contiguous().numpy().tobytes())

@@ -1,0 +1,359 @@
+"""Training throughput of kd, against a hand-written PyTorch loop doing the same work. Not a test.
+
+On the same models, batch and data, measures images/s of
+
+- ``kd_step``: a distillation step of kd (Lightning Trainer + DistillationModule, the default config:
+  CSV logger, per-step LR and loss logging, checkpoint callback);
+- ``hand_loop``: a hand-written PyTorch loop doing the identical computation (same teacher in the same
+  memory format, same student initialization, loss object, optimizer and per-step LR schedule, same
+  DataLoader), with nothing else: no logging, no checks;
+- ``student_only``: a supervised step of the student alone (kd, ``loss=ce``, no teacher);
+- ``teacher_inference``: kd's frozen teacher alone on batches already loaded (and
+  ``teacher_inference_nchw``, the same without channels-last, which the default is measured against);
+- ``kd_cached``: a kd distillation step that reads the teacher-output cache (filled before, untimed).
+
+Each measurement runs ``--warmup`` steps, then times ``--steps`` steps (data loading included, the
+per-run setup excluded). All modes run in one process, interleaved in rotating order, ``--rounds``
+times; the medians are reported. Peak memory of ``kd_step`` and ``hand_loop`` is measured in a fresh
+subprocess each (same imports, models and data; only the loop differs), as the peak resident set size
+(``ru_maxrss``) and its growth during the steps; on a GPU also ``torch.cuda.max_memory_allocated``.
+
+Default: the embedded digits setup (teacher 6 conv layers x 64 channels, student 2 x 8, 8x8 images,
+batch 64) with random weights, which runs in a few minutes on a 2-core CPU. On a GPU machine:
+
+    python benchmarks/throughput.py --teacher resnet152_vd --student resnet50_vd --image-size 224 \\
+        --batch-size 64 --precision bf16-mixed
+
+(``--image-size`` switches to ``data=fake``: random 1000-class images of that size.)
+Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+from hydra.utils import instantiate  # noqa: E402
+
+from kd.config import CONF_DIR, register_models  # noqa: E402
+from kd.data.views import ViewSampler  # noqa: E402
+from kd.losses import LabelCrossEntropy  # noqa: E402
+from kd.module import DistillationModule  # noqa: E402
+from kd.tasks.cache_teacher import open_teacher_cache  # noqa: E402
+from kd.tasks.common import build_data, build_student, build_teacher, build_trainer, optimizer_factory  # noqa: E402
+from kd.teachers import FrozenTeacher  # noqa: E402
+from kd.teachers.cache import CachedTeacher  # noqa: E402
+
+MODES = ("kd_step", "hand_loop", "student_only", "teacher_inference", "teacher_inference_nchw", "kd_cached")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--teacher", default="digits_teacher", help="a conf/model name")
+    parser.add_argument("--student", default="digits_student", help="a conf/model name")
+    parser.add_argument("--image-size", type=int, default=None, help="use data=fake at this size (else digits)")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--num-workers", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=15, help="timed steps per measurement")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps before them")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--accelerator", default="auto")
+    parser.add_argument("--precision", default="32-true", choices=["32-true", "bf16-mixed", "16-mixed"])
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory subprocesses")
+    parser.add_argument("--peak-of", choices=["kd_step", "hand_loop"], help=argparse.SUPPRESS)
+    parser.add_argument("--workdir", default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+class Setup:
+    """Models, data and config shared by every mode, built once."""
+
+    def __init__(self, args: argparse.Namespace, workdir: Path) -> None:
+        self.args = args
+        self.total_steps = args.warmup + args.steps
+        data = ["data=digits"]
+        if args.image_size:
+            train_size = args.batch_size * (self.total_steps + 1)
+            data = ["data=fake", f"data.image_size={args.image_size}", f"data.train_size={train_size}"]
+        overrides = [
+            f"teacher={args.teacher}",
+            f"student={args.student}",
+            "teacher.weights=none",
+            "student.weights=none",
+            *data,
+            f"data.batch_size={args.batch_size}",
+            f"+data.num_workers={args.num_workers}" if args.image_size else f"data.num_workers={args.num_workers}",
+            f"trainer.accelerator={args.accelerator}",
+            f"trainer.precision={args.precision}",
+            f"trainer.max_steps={self.total_steps}",
+            "trainer.max_epochs=-1",
+            "trainer.limit_val_batches=0",
+            "sched.warmup_epochs=0.2",  # max_epochs=-1: Lightning counts the whole run as one epoch
+            "trainer.enable_progress_bar=false",
+            f"paths.output_dir={workdir / 'out'}",
+            f"paths.cache_dir={workdir / 'weights'}",
+            f"teacher.cache={workdir / 'teacher-outputs'}",
+        ]
+        register_models()
+        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+            self.cfg = compose("config", overrides=overrides, return_hydra_config=True)
+        self.data = build_data(self.cfg, self.cfg.student)
+        self.teacher = build_teacher(self.cfg, self.data.num_classes, None)
+        self.student = build_student(self.cfg, self.data.num_classes, None)
+        self.loss = instantiate(self.cfg.loss)
+        self.device = torch.device(
+            "cuda" if args.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
+        )
+        self.batches_per_epoch = len(self.data.train_set) // args.batch_size
+        self._cached: CachedTeacher | None = None
+
+    def fresh_student(self) -> torch.nn.Module:
+        return copy.deepcopy(self.student)
+
+    def cached_teacher(self) -> CachedTeacher:
+        if self._cached is None:  # filled once, before any timing
+            epochs = math.ceil(self.total_steps / self.batches_per_epoch)
+            store, _ = open_teacher_cache(self.cfg, self.teacher, self.data, epochs)
+            self._cached = CachedTeacher(self.teacher, store)
+        return self._cached
+
+    def loader(self):
+        sampler = ViewSampler(len(self.data.train_set), self.data.seed, shuffle=True, epoch=0)
+        return self.data.loader(self.data.train_views(), train=True, sampler=sampler)
+
+
+def stamp(ends: list[float], setup: Setup) -> None:
+    """Appends the end time of a step; on a GPU, waits for the device at the two ends that are timed
+    (only there, so that the host may run ahead of the device as it normally does)."""
+    if setup.device.type == "cuda" and len(ends) in (setup.args.warmup - 1, setup.total_steps - 1):
+        torch.cuda.synchronize()
+    ends.append(time.perf_counter())
+
+
+class StepClock(L.Callback):
+    def __init__(self, setup: Setup) -> None:
+        self.setup = setup
+        self.ends: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        stamp(self.ends, self.setup)
+
+
+def images_per_s(ends: list[float], setup: Setup) -> float:
+    warmup, steps = setup.args.warmup, setup.args.steps
+    assert len(ends) == warmup + steps, len(ends)
+    return steps * setup.args.batch_size / (ends[-1] - ends[warmup - 1])
+
+
+def lightning_run(setup: Setup, teacher, loss) -> float:
+    module = DistillationModule(
+        setup.fresh_student(),
+        loss,
+        optimizer_factory(setup.cfg),
+        instantiate(setup.cfg.sched),
+        setup.data.num_classes,
+        teacher,
+    )
+    clock = StepClock(setup)
+    trainer = build_trainer(setup.cfg, Path(setup.cfg.paths.output_dir), [clock])
+    trainer.fit(module, datamodule=setup.data)
+    return images_per_s(clock.ends, setup)
+
+
+def hand_loop(setup: Setup) -> float:
+    """What a careful user writes by hand: the same computation, nothing else."""
+    device, precision = setup.device, setup.args.precision
+    teacher = setup.teacher.model.to(device)  # the same network, in the same (channels-last) memory format
+    student = setup.fresh_student().to(device).train()
+    optimizer = optimizer_factory(setup.cfg)(student.parameters())
+    # As DistillationModule.configure_optimizers computes it (max_epochs=-1 counts as one epoch).
+    steps_per_epoch = setup.total_steps
+    scheduler = instantiate(setup.cfg.sched)(optimizer, total_steps=setup.total_steps, steps_per_epoch=steps_per_epoch)
+    autocast = (
+        torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16-mixed" else torch.float16)
+        if precision != "32-true"
+        else nullcontext()
+    )
+    scaler = torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
+    ends, step = [], 0
+    while step < setup.total_steps:
+        for images, target, _ in setup.loader():
+            images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
+            with autocast:
+                with torch.no_grad():
+                    teacher_logits = teacher(images.contiguous(memory_format=torch.channels_last))
+                loss = setup.loss(student(images), teacher_logits, target)
+            optimizer.zero_grad()
+            if scaler is None:
+                loss.backward()
+                optimizer.step()
+            else:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            step += 1
+            scheduler.step_update(num_updates=step)
+            stamp(ends, setup)
+            if step == setup.total_steps:
+                break
+    return images_per_s(ends, setup)
+
+
+def teacher_inference(setup: Setup, channels_last: bool) -> float:
+    """kd's frozen teacher alone, on batches loaded beforehand."""
+    model = setup.teacher.model
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    teacher = FrozenTeacher(model.to(memory_format=memory_format), channels_last=channels_last)
+    batches = []
+    for images, _, _ in setup.loader():
+        batches.append(images.to(setup.device))
+        if len(batches) == setup.total_steps:
+            break
+    batches = (batches * setup.total_steps)[: setup.total_steps]
+    dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(setup.args.precision)
+    ends: list[float] = []
+    try:
+        with torch.autocast(setup.device.type, dtype=dtype) if dtype else nullcontext():
+            for images in batches:
+                teacher(images)
+                stamp(ends, setup)
+    finally:
+        model.to(memory_format=torch.channels_last if setup.teacher.channels_last else torch.contiguous_format)
+    return images_per_s(ends, setup)
+
+
+def runners(setup: Setup) -> dict[str, Callable[[], float]]:
+    return {
+        "kd_step": lambda: lightning_run(setup, setup.teacher, setup.loss),
+        "hand_loop": lambda: hand_loop(setup),
+        "student_only": lambda: lightning_run(setup, None, LabelCrossEntropy()),
+        "teacher_inference": lambda: teacher_inference(setup, channels_last=True),
+        "teacher_inference_nchw": lambda: teacher_inference(setup, channels_last=False),
+        "kd_cached": lambda: lightning_run(setup, setup.cached_teacher(), setup.loss),
+    }
+
+
+def peak_memory(setup: Setup, mode: str) -> dict[str, float]:
+    """Run in a fresh process: peak RSS (MB) of the whole process and its growth during the steps."""
+    run = runners(setup)[mode]
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if setup.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    run()
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    result = {"peak_rss_mb": round(peak, 1), "rss_growth_during_steps_mb": round(peak - before, 1)}
+    if setup.device.type == "cuda":
+        result["cuda_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return result
+
+
+def measure_memory(argv: list[str], workdir: Path) -> dict[str, dict[str, float]]:
+    results = {}
+    for mode in ("kd_step", "hand_loop"):
+        command = [sys.executable, __file__, *argv, "--peak-of", mode, "--workdir", str(workdir / mode)]
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise RuntimeError(f"memory run of {mode} failed:\n{done.stderr[-3000:]}")
+        results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    quiet()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.peak_of:
+        setup = Setup(args, Path(args.workdir))
+        print(json.dumps(peak_memory(setup, args.peak_of)))
+        return
+    with tempfile.TemporaryDirectory(prefix="kd-bench-") as tmp:
+        workdir = Path(tmp)
+        load_before = os.getloadavg()
+        setup = Setup(args, workdir)
+        setup.cached_teacher()
+        run = runners(setup)
+        figures: dict[str, list[float]] = {mode: [] for mode in MODES}
+        for round_index in range(args.rounds):
+            shift = round_index % len(MODES)
+            for mode in MODES[shift:] + MODES[:shift]:
+                figures[mode].append(round(run[mode](), 2))
+        memory = {} if args.no_memory else measure_memory(argv, workdir)
+        load_after = os.getloadavg()
+    print(json.dumps(report(args, setup, figures, memory, load_before, load_after), indent=2))
+
+
+def report(args, setup: Setup, figures, memory, load_before, load_after) -> dict:
+    median = {mode: round(statistics.median(values), 2) for mode, values in figures.items()}
+    ratios = {
+        "kd_vs_hand": round(median["kd_step"] / median["hand_loop"], 3),
+        "cached_vs_student_only": round(median["kd_cached"] / median["student_only"], 3),
+        "cached_vs_kd": round(median["kd_cached"] / median["kd_step"], 3),
+        "channels_last_vs_nchw_teacher": round(median["teacher_inference"] / median["teacher_inference_nchw"], 3),
+    }
+    result = {
+        "setup": {
+            "teacher": args.teacher,
+            "student": args.student,
+            "data": f"fake {args.image_size}px" if args.image_size else "digits 8px",
+            "classes": setup.data.num_classes,
+            "batch_size": args.batch_size,
+            "loss": setup.cfg.loss._target_.rsplit(".", 1)[-1],
+            "precision": args.precision,
+            "device": torch.cuda.get_device_name() if setup.device.type == "cuda" else platform.processor() or "cpu",
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "lightning": L.__version__,
+            "steps": args.steps,
+            "warmup": args.warmup,
+            "rounds": args.rounds,
+            "load_average_1min": [round(load_before[0], 2), round(load_after[0], 2)],
+        },
+        "images_per_s": median,
+        "ratios": ratios,
+        "goals_met": {
+            "kd_vs_hand >= 0.95": ratios["kd_vs_hand"] >= 0.95,
+            "cached_vs_student_only >= 0.90": ratios["cached_vs_student_only"] >= 0.90,
+        },
+        "runs": figures,
+    }
+    if memory:
+        kd_peak, hand_peak = memory["kd_step"]["peak_rss_mb"], memory["hand_loop"]["peak_rss_mb"]
+        result["memory"] = {**memory, "kd_vs_hand_peak_rss": round(kd_peak / hand_peak, 3)}
+        result["goals_met"]["peak memory within 10% of hand"] = kd_peak <= 1.10 * hand_peak
+    return result
+
+
+def quiet() -> None:
+    """Lightning's and kd's info lines would mix with the JSON on stdout; keep warnings only."""
+    import logging
+    import warnings
+
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "kd", "kd.models.build"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore")
+
+
+if __name__ == "__main__":
+    main()
