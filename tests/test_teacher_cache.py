@@ -16,7 +16,7 @@ import torch
 
 from kd.errors import KdError
 from kd.module import DistillationModule
-from kd.tasks.cache_teacher import open_teacher_cache
+from kd.tasks.cache_teacher import cache_teacher, open_teacher_cache
 from kd.tasks.common import build_data, build_teacher
 from kd.tasks.pretrain import PretrainedCache
 from kd.tasks.train import fit
@@ -88,7 +88,10 @@ def teacher_calls_in_training_steps(monkeypatch):
     return calls
 
 
-def test_cached_run_gives_the_uncached_losses_at_every_step(make_cfg, tmp_path, teacher_calls_in_training_steps):
+@pytest.mark.slow
+def test_cached_run_gives_the_uncached_losses_at_every_step(
+    make_cfg, tmp_path, teacher_calls_in_training_steps, monkeypatch
+):
     cache = tmp_path / "teacher-outputs"
     plain = fit(make_cfg(*SHORT, f"paths.output_dir={tmp_path / 'plain'}"), task="distill")
     assert len(teacher_calls_in_training_steps) == 8  # the uncached run runs the teacher at every step
@@ -96,19 +99,17 @@ def test_cached_run_gives_the_uncached_losses_at_every_step(make_cfg, tmp_path, 
     cached = fit(make_cfg(*SHORT, f"paths.output_dir={tmp_path / 'cached'}", f"teacher.cache={cache}"), task="distill")
     assert teacher_calls_in_training_steps == []  # the cached training step never runs the teacher
 
-    exact, stored = step_losses(tmp_path / "plain"), step_losses(tmp_path / "cached")
-    assert len(exact) == len(stored) == 8
-    # Tolerance: the stored logits are float16 relative to each row's max (steps of at most 2^-11 of
-    # |logit - max|); on these runs that moves the KD loss by less than 1e-3 of its value per step.
-    assert np.allclose(stored, exact, rtol=1e-3, atol=0), (stored, exact)
+    exact, stored = np.array(step_losses(tmp_path / "plain")), np.array(step_losses(tmp_path / "cached"))
+    assert len(exact) == len(stored) == 8 and len(set(exact)) == 8
+    # Tolerance: the stored logits are float16 relative to each row's max (rounding error at most 2^-11
+    # of |logit - max|); measured here, that moves the loss by at most 4.3e-5 of its value at any step.
+    assert np.allclose(stored, exact, rtol=2e-4, atol=0), (stored, exact)
     assert cached["metrics"]["teacher/top1"] == plain["metrics"]["teacher/top1"]  # validation: the real teacher
     assert cached["teacher_fingerprint"] == plain["teacher_fingerprint"]
 
-
-def test_cached_run_equals_an_uncached_run_on_float16_rounded_logits(make_cfg, tmp_path, monkeypatch):
-    """Beyond the tolerance above: the only difference between the two runs is the float16 storage."""
-    cache = tmp_path / "teacher-outputs"
-    fit(make_cfg(*SHORT, f"paths.output_dir={tmp_path / 'cached'}", f"teacher.cache={cache}"), task="distill")
+    # Sharper: an uncached run whose teacher logits go through the float16 storage gives the cached
+    # losses (bit-equal on this CPU; the 1e-6 leaves room for kernels whose sums depend on the batch
+    # composition: the cache is filled in index order, training batches are shuffled).
     forward = FrozenTeacher.forward
 
     def stored_precision(self, images, view_ids=None):
@@ -117,9 +118,8 @@ def test_cached_run_equals_an_uncached_run_on_float16_rounded_logits(make_cfg, t
 
     monkeypatch.setattr(FrozenTeacher, "forward", stored_precision)
     fit(make_cfg(*SHORT, f"paths.output_dir={tmp_path / 'rounded'}"), task="distill")
-    # Not bit-equal only because the cache was filled with batches of another composition (oneDNN may
-    # order its sums differently), which moves teacher logits by ~1e-6.
-    assert np.allclose(step_losses(tmp_path / "cached"), step_losses(tmp_path / "rounded"), rtol=1e-5, atol=0)
+    rounded = np.array(step_losses(tmp_path / "rounded"))
+    assert np.allclose(stored, rounded, rtol=1e-6, atol=0)
 
 
 def open_cache(cfg, epochs=1, change=None):
@@ -144,11 +144,16 @@ def test_a_sweep_over_losses_and_students_shares_one_cache(make_cfg, tmp_path):
         assert (again.folder, written) == (store.folder, []), variant
 
 
+@pytest.fixture(scope="module")
+def shared_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("teacher-outputs")
+
+
 @pytest.mark.parametrize(
     "change", ["teacher", "transform", "seed=1", "teacher.cache_topk=3", "trainer.precision=bf16-mixed"]
 )
-def test_a_changed_teacher_transform_seed_k_or_precision_invalidates_the_cache(make_cfg, tmp_path, change):
-    base = [*FAST, f"teacher.cache={tmp_path}"]
+def test_a_changed_teacher_transform_seed_k_or_precision_invalidates_the_cache(make_cfg, shared_root, change):
+    base = [*FAST, f"teacher.cache={shared_root}"]  # the unchanged setup is written once for all cases
     store, _ = open_cache(make_cfg(*base))
     in_process = change in ("teacher", "transform")
     changed, written = open_cache(make_cfg(*base, *([] if in_process else [change])), change=change)
@@ -200,6 +205,7 @@ KILL_WHILE_WRITING = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_a_cache_killed_while_writing_is_detected_and_rebuilt(make_cfg, tmp_path, cache_dir):
     overrides = [*FAST, f"teacher.cache={tmp_path / 'cache'}", f"paths.output_dir={tmp_path / 'out'}"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -243,19 +249,19 @@ def test_bn_train_mode_cannot_be_cached(make_cfg, tmp_path):
         open_cache(make_cfg(*FAST, f"teacher.cache={tmp_path}", "teacher.bn_train_mode=true"))
 
 
+@pytest.mark.slow
 def test_task_cache_teacher_fills_the_cache_that_distill_then_reads(make_cfg, tmp_path, cache_dir):
     cache = tmp_path / "teacher-outputs"
-    result = run_cli(*FAST, "task=cache_teacher", f"teacher.cache={cache}", cwd=tmp_path, cache_dir=cache_dir)
+    overrides = (*FAST, "task=cache_teacher", f"teacher.cache={cache}", "task.epochs=1")
+    result = run_cli(*overrides, cwd=tmp_path, cache_dir=cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["task"] == "cache_teacher" and results["epochs"] == 2 and results["epochs_written"] == [0, 1]
-    assert json.loads((Path(results["cache"]) / "manifest.json").read_text())["epochs"] == [0, 1]
-    _, written = open_cache(make_cfg(*FAST, f"teacher.cache={cache}", "loss=soft_ce"), epochs=2)
+    assert results["task"] == "cache_teacher" and results["epochs"] == 1 and results["epochs_written"] == [0]
+    assert json.loads((Path(results["cache"]) / "manifest.json").read_text())["epochs"] == [0]
+    _, written = open_cache(make_cfg(*FAST, f"teacher.cache={cache}", "loss=soft_ce"), epochs=1)
     assert written == []
 
 
-def test_task_cache_teacher_without_a_folder_stops_with_one_sentence(tmp_path, cache_dir):
-    result = run_cli("task=cache_teacher", cwd=tmp_path, cache_dir=cache_dir)
-    assert result.returncode == 2
-    assert result.stderr.strip() == "error: task=cache_teacher needs a folder to write to; pass teacher.cache=DIR"
-    assert not (tmp_path / "results.json").exists()
+def test_task_cache_teacher_without_a_folder_stops_before_any_work(make_cfg):
+    with pytest.raises(KdError, match=r"^task=cache_teacher needs a folder to write to; pass teacher.cache=DIR$"):
+        cache_teacher(make_cfg("task=cache_teacher"))
