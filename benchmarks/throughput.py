@@ -15,8 +15,9 @@ On the same models, batch and data, measures images/s of
 Each measurement runs ``--warmup`` steps, then times ``--steps`` steps (data loading included, the
 per-run setup excluded). All modes run in one process, interleaved in rotating order, ``--rounds``
 times; the medians are reported. Peak memory of ``kd_step`` and ``hand_loop`` is measured in a fresh
-subprocess each (same imports, models and data; only the loop differs), as the peak resident set size
-(``ru_maxrss``) and its growth during the steps; on a GPU also ``torch.cuda.max_memory_allocated``.
+subprocess each (same imports, models and data; only the loop differs, Lightning's Trainer setup
+included): the peak resident set size during the run (Linux's VmHWM, reset just before it) and its
+growth over the RSS before it; on a GPU also ``torch.cuda.max_memory_allocated``.
 
 Default: the embedded digits setup (teacher 6 conv layers x 64 channels, student 2 x 8, 8x8 images,
 batch 64) with random weights, which runs in a few minutes on a 2-core CPU. On a GPU machine:
@@ -36,7 +37,7 @@ import json
 import math
 import os
 import platform
-import resource
+import re
 import statistics
 import subprocess
 import sys
@@ -142,30 +143,32 @@ class Setup:
         return self.data.loader(self.data.train_views(), train=True, sampler=sampler)
 
 
-def stamp(ends: list[float], setup: Setup) -> None:
-    """Appends the end time of a step; on a GPU, waits for the device at the two ends that are timed
-    (only there, so that the host may run ahead of the device as it normally does)."""
+def stamp(ends: list[tuple[float, float]], setup: Setup) -> None:
+    """Appends the end of a step: wall-clock time and the process's CPU time. On a GPU, waits for the
+    device at the two ends that are timed (only there: the host may run ahead as it normally does)."""
     if setup.device.type == "cuda" and len(ends) in (setup.args.warmup - 1, setup.total_steps - 1):
         torch.cuda.synchronize()
-    ends.append(time.perf_counter())
+    ends.append((time.perf_counter(), time.process_time()))
 
 
 class StepClock(L.Callback):
     def __init__(self, setup: Setup) -> None:
         self.setup = setup
-        self.ends: list[float] = []
+        self.ends: list[tuple[float, float]] = []
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         stamp(self.ends, self.setup)
 
 
-def images_per_s(ends: list[float], setup: Setup) -> float:
+def images_per_s(ends: list[tuple[float, float]], setup: Setup) -> tuple[float, float]:
+    """Images per second of wall-clock time, and per second of the process's CPU time."""
     warmup, steps = setup.args.warmup, setup.args.steps
     assert len(ends) == warmup + steps, len(ends)
-    return steps * setup.args.batch_size / (ends[-1] - ends[warmup - 1])
+    images = steps * setup.args.batch_size
+    return tuple(images / (last - first) for first, last in zip(ends[warmup - 1], ends[-1], strict=True))
 
 
-def lightning_run(setup: Setup, teacher, loss) -> float:
+def lightning_run(setup: Setup, teacher, loss) -> tuple[float, float]:
     module = DistillationModule(
         setup.fresh_student(),
         loss,
@@ -180,7 +183,7 @@ def lightning_run(setup: Setup, teacher, loss) -> float:
     return images_per_s(clock.ends, setup)
 
 
-def hand_loop(setup: Setup) -> float:
+def hand_loop(setup: Setup) -> tuple[float, float]:
     """What a careful user writes by hand: the same computation, nothing else."""
     device, precision = setup.device, setup.args.precision
     teacher = setup.teacher.model.to(device)  # the same network, in the same (channels-last) memory format
@@ -219,7 +222,7 @@ def hand_loop(setup: Setup) -> float:
     return images_per_s(ends, setup)
 
 
-def teacher_inference(setup: Setup, channels_last: bool) -> float:
+def teacher_inference(setup: Setup, channels_last: bool) -> tuple[float, float]:
     """kd's frozen teacher alone, on batches loaded beforehand."""
     model = setup.teacher.model
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
@@ -231,7 +234,7 @@ def teacher_inference(setup: Setup, channels_last: bool) -> float:
             break
     batches = (batches * setup.total_steps)[: setup.total_steps]
     dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(setup.args.precision)
-    ends: list[float] = []
+    ends: list[tuple[float, float]] = []
     try:
         with torch.autocast(setup.device.type, dtype=dtype) if dtype else nullcontext():
             for images in batches:
@@ -242,7 +245,7 @@ def teacher_inference(setup: Setup, channels_last: bool) -> float:
     return images_per_s(ends, setup)
 
 
-def runners(setup: Setup) -> dict[str, Callable[[], float]]:
+def runners(setup: Setup) -> dict[str, Callable[[], tuple[float, float]]]:
     return {
         "kd_step": lambda: lightning_run(setup, setup.teacher, setup.loss),
         "hand_loop": lambda: hand_loop(setup),
@@ -253,15 +256,27 @@ def runners(setup: Setup) -> dict[str, Callable[[], float]]:
     }
 
 
+def status_mb(field: str) -> float:
+    with open("/proc/self/status") as status:
+        return int(re.search(rf"{field}:\s+(\d+)", status.read()).group(1)) / 1024
+
+
 def peak_memory(setup: Setup, mode: str) -> dict[str, float]:
-    """Run in a fresh process: peak RSS (MB) of the whole process and its growth during the steps."""
+    """Run in a fresh process: the resident set size before the steps and its peak during them.
+
+    Linux keeps the process's peak RSS (VmHWM); writing 5 to /proc/self/clear_refs resets it to the
+    current RSS, so the peak read afterwards is the peak of the steps alone, not of the setup.
+    """
     run = runners(setup)[mode]
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    before = status_mb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as clear:
+        clear.write("5")
     if setup.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     run()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    result = {"peak_rss_mb": round(peak, 1), "rss_growth_during_steps_mb": round(peak - before, 1)}
+    peak = status_mb("VmHWM")
+    result = {"rss_before_steps_mb": round(before, 1), "peak_rss_mb": round(peak, 1)}
+    result["growth_mb"] = round(peak - before, 1)
     if setup.device.type == "cuda":
         result["cuda_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return result
@@ -294,24 +309,37 @@ def main(argv: list[str] | None = None) -> None:
         setup = Setup(args, workdir)
         setup.cached_teacher()
         run = runners(setup)
-        figures: dict[str, list[float]] = {mode: [] for mode in MODES}
+        wall: dict[str, list[float]] = {mode: [] for mode in MODES}
+        cpu: dict[str, list[float]] = {mode: [] for mode in MODES}
         for round_index in range(args.rounds):
             shift = round_index % len(MODES)
             for mode in MODES[shift:] + MODES[:shift]:
-                figures[mode].append(round(run[mode](), 2))
+                per_wall_s, per_cpu_s = run[mode]()
+                wall[mode].append(round(per_wall_s, 2))
+                cpu[mode].append(round(per_cpu_s, 2))
         memory = {} if args.no_memory else measure_memory(argv, workdir)
         load_after = os.getloadavg()
-    print(json.dumps(report(args, setup, figures, memory, load_before, load_after), indent=2))
+    # CPU time is a fair clock only when every step runs in this process, on the CPU.
+    cpu_clock = setup.device.type == "cpu" and args.num_workers == 0
+    print(json.dumps(report(args, setup, wall, cpu if cpu_clock else None, memory, load_before, load_after), indent=2))
 
 
-def report(args, setup: Setup, figures, memory, load_before, load_after) -> dict:
-    median = {mode: round(statistics.median(values), 2) for mode, values in figures.items()}
-    ratios = {
+def medians(figures: dict[str, list[float]]) -> dict[str, float]:
+    return {mode: round(statistics.median(values), 2) for mode, values in figures.items()}
+
+
+def ratios_of(median: dict[str, float]) -> dict[str, float]:
+    return {
         "kd_vs_hand": round(median["kd_step"] / median["hand_loop"], 3),
         "cached_vs_student_only": round(median["kd_cached"] / median["student_only"], 3),
         "cached_vs_kd": round(median["kd_cached"] / median["kd_step"], 3),
         "channels_last_vs_nchw_teacher": round(median["teacher_inference"] / median["teacher_inference_nchw"], 3),
     }
+
+
+def report(args, setup: Setup, wall, cpu, memory, load_before, load_after) -> dict:
+    median = medians(wall)
+    ratios = ratios_of(median)
     result = {
         "setup": {
             "teacher": args.teacher,
@@ -336,12 +364,17 @@ def report(args, setup: Setup, figures, memory, load_before, load_after) -> dict
             "kd_vs_hand >= 0.95": ratios["kd_vs_hand"] >= 0.95,
             "cached_vs_student_only >= 0.90": ratios["cached_vs_student_only"] >= 0.90,
         },
-        "runs": figures,
     }
+    if cpu is not None:
+        # Images per second of this process's CPU time: on a machine shared with other jobs, time spent
+        # waiting for a core is not counted, so these ratios move far less than the wall-clock ones.
+        result["images_per_cpu_s"] = medians(cpu)
+        result["ratios_cpu_time"] = ratios_of(result["images_per_cpu_s"])
     if memory:
         kd_peak, hand_peak = memory["kd_step"]["peak_rss_mb"], memory["hand_loop"]["peak_rss_mb"]
         result["memory"] = {**memory, "kd_vs_hand_peak_rss": round(kd_peak / hand_peak, 3)}
         result["goals_met"]["peak memory within 10% of hand"] = kd_peak <= 1.10 * hand_peak
+    result["runs"] = {"wall": wall, **({"cpu": cpu} if cpu is not None else {})}
     return result
 
 
