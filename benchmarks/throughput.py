@@ -3,7 +3,8 @@
 On the same models, batch and data, measures images/s of
 
 - ``kd_step``: a distillation step of kd (Lightning Trainer + DistillationModule, the default config:
-  CSV logger, per-step LR and loss logging, checkpoint callback);
+  CSV logger, per-step LR and loss logging, checkpoint callback); ``kd_step_no_loggers``: the same
+  without loggers, LR monitor and checkpointing, to tell Lightning's own cost from our logging's;
 - ``hand_loop``: a hand-written PyTorch loop doing the identical computation (same teacher in the same
   memory format, same student initialization, loss object, optimizer and per-step LR schedule, same
   DataLoader), with nothing else: no logging, no checks;
@@ -54,6 +55,7 @@ import lightning as L  # noqa: E402
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from hydra.utils import instantiate  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
 
 from kd.config import CONF_DIR, register_models  # noqa: E402
 from kd.data.views import ViewSampler  # noqa: E402
@@ -64,7 +66,15 @@ from kd.tasks.common import build_data, build_student, build_teacher, build_trai
 from kd.teachers import FrozenTeacher  # noqa: E402
 from kd.teachers.cache import CachedTeacher  # noqa: E402
 
-MODES = ("kd_step", "hand_loop", "student_only", "teacher_inference", "teacher_inference_nchw", "kd_cached")
+MODES = (
+    "kd_step",
+    "kd_step_no_loggers",
+    "hand_loop",
+    "student_only",
+    "teacher_inference",
+    "teacher_inference_nchw",
+    "kd_cached",
+)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -127,6 +137,12 @@ class Setup:
         )
         self.batches_per_epoch = len(self.data.train_set) // args.batch_size
         self._cached: CachedTeacher | None = None
+        # The same run without loggers, LR monitor and checkpointing: what Lightning itself costs.
+        self.cfg_no_loggers = self.cfg.copy()
+        OmegaConf.set_struct(self.cfg_no_loggers, False)
+        self.cfg_no_loggers.logger = None
+        self.cfg_no_loggers.callbacks = None
+        self.cfg_no_loggers.trainer.enable_checkpointing = False
 
     def fresh_student(self) -> torch.nn.Module:
         return copy.deepcopy(self.student)
@@ -168,7 +184,7 @@ def images_per_s(ends: list[tuple[float, float]], setup: Setup) -> tuple[float, 
     return tuple(images / (last - first) for first, last in zip(ends[warmup - 1], ends[-1], strict=True))
 
 
-def lightning_run(setup: Setup, teacher, loss) -> tuple[float, float]:
+def lightning_run(setup: Setup, teacher, loss, loggers: bool = True) -> tuple[float, float]:
     module = DistillationModule(
         setup.fresh_student(),
         loss,
@@ -178,7 +194,8 @@ def lightning_run(setup: Setup, teacher, loss) -> tuple[float, float]:
         teacher,
     )
     clock = StepClock(setup)
-    trainer = build_trainer(setup.cfg, Path(setup.cfg.paths.output_dir), [clock])
+    cfg = setup.cfg if loggers else setup.cfg_no_loggers
+    trainer = build_trainer(cfg, Path(cfg.paths.output_dir), [clock])
     trainer.fit(module, datamodule=setup.data)
     return images_per_s(clock.ends, setup)
 
@@ -248,6 +265,7 @@ def teacher_inference(setup: Setup, channels_last: bool) -> tuple[float, float]:
 def runners(setup: Setup) -> dict[str, Callable[[], tuple[float, float]]]:
     return {
         "kd_step": lambda: lightning_run(setup, setup.teacher, setup.loss),
+        "kd_step_no_loggers": lambda: lightning_run(setup, setup.teacher, setup.loss, loggers=False),
         "hand_loop": lambda: hand_loop(setup),
         "student_only": lambda: lightning_run(setup, None, LabelCrossEntropy()),
         "teacher_inference": lambda: teacher_inference(setup, channels_last=True),
@@ -331,6 +349,7 @@ def medians(figures: dict[str, list[float]]) -> dict[str, float]:
 def ratios_of(median: dict[str, float]) -> dict[str, float]:
     return {
         "kd_vs_hand": round(median["kd_step"] / median["hand_loop"], 3),
+        "kd_no_loggers_vs_hand": round(median["kd_step_no_loggers"] / median["hand_loop"], 3),
         "cached_vs_student_only": round(median["kd_cached"] / median["student_only"], 3),
         "cached_vs_kd": round(median["kd_cached"] / median["kd_step"], 3),
         "channels_last_vs_nchw_teacher": round(median["teacher_inference"] / median["teacher_inference_nchw"], 3),

@@ -93,15 +93,15 @@ def encode(logits: torch.Tensor, k: int) -> np.ndarray:
 def decode(records: np.ndarray, num_classes: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Full (batch, classes) float32 logits from stored records; see the module docstring."""
 
-    def field(name: str, dtype: torch.dtype) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(records[name])).to(device, dtype, non_blocking=True)
+    def field(name: str) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(records[name])).to(device, non_blocking=True)
 
-    top = field("max", torch.float32)[:, None] + field("logits", torch.float32)
-    classes = field("classes", torch.int64)
+    top = field("logits").float().add_(field("max")[:, None])
+    classes = field("classes").long()
     k = classes.shape[1]
     if k == num_classes:
         return torch.empty_like(top).scatter_(1, classes, top)
-    lse = field("lse", torch.float32)[:, None]
+    lse = field("lse")[:, None]
     stored_mass = torch.exp(top - lse).sum(dim=1, keepdim=True)
     # Float16 rounding can push the stored mass to 1 or past it: keep a finite, negligible tail then.
     rest = (1.0 - stored_mass).clamp_min(torch.finfo(torch.float32).eps * stored_mass)
@@ -253,13 +253,13 @@ class TeacherOutputStore:
     def lookup(self, view_ids: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
         """Full teacher logits for a batch's ``view_ids`` ((batch, 2): epoch, sample index)."""
         ids = view_ids.cpu().numpy()
-        epochs = np.unique(ids[:, 0])
-        if len(epochs) == 1:
+        epochs = ids[:, 0]
+        if (epochs == epochs[0]).all():  # the usual case: a batch comes from one epoch
             records = self._records(int(epochs[0]))[ids[:, 1]]
         else:
             records = np.empty(len(ids), dtype=self.dtype)
-            for epoch in epochs:
-                rows = ids[:, 0] == epoch
+            for epoch in np.unique(epochs):
+                rows = epochs == epoch
                 records[rows] = self._records(int(epoch))[ids[rows, 1]]
         return decode(records, self.num_classes, device)
 
