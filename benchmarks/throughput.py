@@ -17,8 +17,9 @@ Each measurement runs ``--warmup`` steps, then times ``--steps`` steps (data loa
 per-run setup excluded). All modes run in one process, interleaved in rotating order, ``--rounds``
 times; the medians are reported. Peak memory of ``kd_step`` and ``hand_loop`` is measured in a fresh
 subprocess each (same imports, models and data; only the loop differs, Lightning's Trainer setup
-included): the peak resident set size during the run (Linux's VmHWM, reset just before it) and its
-growth over the RSS before it; on a GPU also ``torch.cuda.max_memory_allocated``.
+included): the peak resident set size up to the end of the last step (Linux's VmHWM, reset just
+before the run), its growth over the RSS before the run, and the peak of the whole run (with kd's
+final checkpoint write); on a GPU also ``torch.cuda.max_memory_allocated`` at the last step.
 
 Default: the embedded digits setup (teacher 6 conv layers x 64 channels, student 2 x 8, 8x8 images,
 batch 64) with random weights, which runs in a few minutes on a 2-core CPU. On a GPU machine:
@@ -137,6 +138,8 @@ class Setup:
         )
         self.batches_per_epoch = len(self.data.train_set) // args.batch_size
         self._cached: CachedTeacher | None = None
+        self.measuring_memory = False
+        self.peak_at_last_step: dict[str, float] = {}
         # The same run without loggers, LR monitor and checkpointing: what Lightning itself costs.
         self.cfg_no_loggers = self.cfg.copy()
         OmegaConf.set_struct(self.cfg_no_loggers, False)
@@ -165,6 +168,10 @@ def stamp(ends: list[tuple[float, float]], setup: Setup) -> None:
     if setup.device.type == "cuda" and len(ends) in (setup.args.warmup - 1, setup.total_steps - 1):
         torch.cuda.synchronize()
     ends.append((time.perf_counter(), time.process_time()))
+    if setup.measuring_memory and len(ends) == setup.total_steps:
+        setup.peak_at_last_step = {"rss": status_mb("VmHWM")}
+        if setup.device.type == "cuda":
+            setup.peak_at_last_step["cuda"] = torch.cuda.max_memory_allocated() / 2**20
 
 
 class StepClock(L.Callback):
@@ -280,23 +287,30 @@ def status_mb(field: str) -> float:
 
 
 def peak_memory(setup: Setup, mode: str) -> dict[str, float]:
-    """Run in a fresh process: the resident set size before the steps and its peak during them.
+    """Run in a fresh process: the resident set size before the run, its peak up to the end of the
+    last training step (the goal's figure) and its peak over the whole run (for kd this includes the
+    checkpoint written when training ends, which the hand-written loop does not write).
 
     Linux keeps the process's peak RSS (VmHWM); writing 5 to /proc/self/clear_refs resets it to the
-    current RSS, so the peak read afterwards is the peak of the steps alone, not of the setup.
+    current RSS, so the peaks read afterwards are those of the run alone, not of the setup.
     """
     run = runners(setup)[mode]
+    setup.measuring_memory = True
     before = status_mb("VmRSS")
     with open("/proc/self/clear_refs", "w") as clear:
         clear.write("5")
     if setup.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     run()
-    peak = status_mb("VmHWM")
-    result = {"rss_before_steps_mb": round(before, 1), "peak_rss_mb": round(peak, 1)}
-    result["growth_mb"] = round(peak - before, 1)
+    steps = setup.peak_at_last_step
+    result = {
+        "rss_before_mb": round(before, 1),
+        "peak_rss_mb": round(steps["rss"], 1),
+        "growth_mb": round(steps["rss"] - before, 1),
+        "peak_rss_whole_run_mb": round(status_mb("VmHWM"), 1),
+    }
     if setup.device.type == "cuda":
-        result["cuda_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        result["cuda_peak_allocated_mb"] = round(steps["cuda"], 1)
     return result
 
 
