@@ -8,7 +8,7 @@ from collections.abc import Callable
 import lightning as L
 import torch
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
 from kd.errors import KdError
 from kd.losses.base import DistillationLoss
@@ -24,6 +24,11 @@ def accuracy_metrics(num_classes: int, prefix: str) -> MetricCollection:
     if num_classes > 5:
         metrics["top5"] = MulticlassAccuracy(num_classes, top_k=5, average="micro")
     return MetricCollection(metrics, prefix=prefix)
+
+
+def calibration_error(num_classes: int) -> MulticlassCalibrationError:
+    """Expected calibration error over 15 equal-width confidence bins (fed probabilities, not logits)."""
+    return MulticlassCalibrationError(num_classes, n_bins=15, norm="l1")
 
 
 class DistillationModule(L.LightningModule):
@@ -54,8 +59,10 @@ class DistillationModule(L.LightningModule):
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.val_student = accuracy_metrics(num_classes, "student/")
+        self.val_student_ece = calibration_error(num_classes)
         if teacher is not None:
             self.val_teacher = accuracy_metrics(num_classes, "teacher/")
+            self.val_teacher_ece = calibration_error(num_classes)
             self.val_agreement = MulticlassAccuracy(num_classes, top_k=1, average="micro")
 
     teacher: FrozenTeacher | None
@@ -85,9 +92,13 @@ class DistillationModule(L.LightningModule):
         student_logits = self.student(images)
         self.val_student.update(student_logits, target)
         self.log_dict(self.val_student, prog_bar=True)
+        self.val_student_ece.update(student_logits.softmax(dim=1), target)
+        self.log("student/ece", self.val_student_ece)
         if self.teacher is not None:
             teacher_logits = self.teacher(images)
             self.val_teacher.update(teacher_logits, target)
+            self.val_teacher_ece.update(teacher_logits.softmax(dim=1), target)
+            self.log("teacher/ece", self.val_teacher_ece)
             self.val_agreement.update(student_logits, teacher_logits.argmax(dim=1))
             self.log_dict(self.val_teacher)
             self.log("agreement", self.val_agreement)

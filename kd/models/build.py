@@ -24,9 +24,15 @@ def instantiate_arch(model_cfg: DictConfig):
 
 
 def build_classifier(
-    model_cfg: DictConfig, num_classes: int, role: str, obtain_auto: ObtainWeights | None = None
+    model_cfg: DictConfig,
+    num_classes: int,
+    role: str,
+    obtain_auto: ObtainWeights | None = None,
+    allow_new_head: bool | None = None,
 ) -> Classifier:
-    """``role`` is "teacher" or "student"; only a student may get a new classifier for another class count."""
+    """``role`` is "teacher" or "student"; only a student to be trained (``allow_new_head``, the default for
+    a student) may get a new classifier for another class count: eval, predict and export use the weights as
+    they are."""
     arch = instantiate_arch(model_cfg)
     net = arch.build(num_classes)
     source = model_cfg.get("weights")
@@ -46,10 +52,10 @@ def build_classifier(
         state, pretrained_cfg = timm_pretrained_state(tag)
         description = f"timm:{tag}"
     replaced = load_into(net, state, arch.classifier_prefixes(net), description)
-    if replaced and role == "teacher":
+    if replaced and not (role == "student" if allow_new_head is None else allow_new_head):
         raise KdError(
-            f"teacher weights {description} were trained for another number of classes than the "
-            f"dataset's {num_classes}; give a teacher trained on this dataset (task=train makes one)"
+            f"{role} weights {description} were trained for another number of classes than the "
+            f"dataset's {num_classes}; give {role} weights trained on these classes (task=train makes them)"
         )
     if replaced:
         log.info(

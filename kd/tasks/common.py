@@ -71,7 +71,14 @@ def build_data(cfg: DictConfig, student_cfg: DictConfig) -> ClassificationData:
     return data
 
 
+def has_teacher(cfg: DictConfig) -> bool:
+    """False when the run was told to go without one (``~teacher`` on the command line)."""
+    return cfg.get("teacher") is not None and cfg.teacher.get("arch") is not None
+
+
 def build_teacher(cfg: DictConfig, num_classes: int, obtain_auto: ObtainWeights | None) -> FrozenTeacher:
+    if not has_teacher(cfg):
+        raise KdError("this task needs a teacher but ~teacher removed it; choose one with teacher=NAME")
     model = build_classifier(cfg.teacher, num_classes, "teacher", obtain_auto)
     return FrozenTeacher(model, bn_train_mode=bool(cfg.teacher.get("bn_train_mode", False)))
 
@@ -111,9 +118,9 @@ def write_results(out: Path, cfg: DictConfig, task: str, **extra: Any) -> Path:
     chosen = choices(cfg)
     results = {
         "task": task,
-        **({"teacher": chosen.get("teacher")} if task != "train" else {}),
+        **({"teacher": chosen.get("teacher")} if task in ("distill", "eval") else {}),
         "student": chosen.get("student"),
-        "loss": chosen.get("loss"),
+        **({"loss": chosen.get("loss")} if task in ("distill", "train") else {}),
         "data": chosen.get("data"),
         "seed": cfg.seed,
         **extra,

@@ -19,11 +19,12 @@ import torch
 from filelock import FileLock
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import save_file
 
+from kd.card import card_for
 from kd.data import ClassificationData
 from kd.errors import KdError
-from kd.io import write_atomic, write_json_atomic
+from kd.export import write_safetensors
+from kd.io import write_json_atomic
 from kd.losses import LabelCrossEntropy
 from kd.models import Classifier
 from kd.module import DistillationModule
@@ -107,8 +108,7 @@ class PretrainedCache:
             )  # validate once, at the end
             trainer.fit(module, datamodule=self.data)
         top1, seconds = float(trainer.callback_metrics["student/top1"]), time.perf_counter() - start
-        state = {k: v.contiguous() for k, v in student.net.state_dict().items()}
-        write_atomic(path, lambda tmp: save_file(state, str(tmp)))
+        write_safetensors(student, card_for(student, self.data, model=model_cfg.name), path)
         write_json_atomic(
             path.with_suffix(".json"),
             {

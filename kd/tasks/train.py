@@ -10,6 +10,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from kd.callbacks import TrainThroughput
+from kd.card import CardInCheckpoint, card_for
+from kd.export import export_student
 from kd.module import DistillationModule
 from kd.report import print_summary
 from kd.tasks.common import (
@@ -46,10 +48,12 @@ def fit(cfg: DictConfig, task: str) -> dict:
     teacher = build_teacher(cfg, data.num_classes, obtain_auto) if task == "distill" else None
     student = build_student(cfg, data.num_classes, obtain_auto)
     module = DistillationModule(student, loss, optimizer, scheduler, data.num_classes, teacher)
+    provenance = {"teacher": cfg.teacher.name, "teacher_fingerprint": teacher.start_fingerprint} if teacher else {}
+    card = card_for(student, data, model=cfg.student.get("name"), **provenance)
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     throughput = TrainThroughput()
-    trainer = build_trainer(cfg, out, [throughput])
+    trainer = build_trainer(cfg, out, [throughput, CardInCheckpoint(card)])
     before = validate(trainer, module, data)
     trainer.fit(module, datamodule=data, ckpt_path=cfg.get("ckpt_path"))
     after = validate(trainer, module, data)
@@ -69,6 +73,7 @@ def fit(cfg: DictConfig, task: str) -> dict:
         "output_dir": str(out),
     }
     if trainer.is_global_zero:
+        export_student(student, card, out, ["safetensors"])  # student.safetensors + student.json
         write_results(out, cfg, task, **results)
         print_summary(task, metrics)
     return results
