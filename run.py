@@ -1,4 +1,4 @@
-"""kd entry point: ``python run.py [task=distill|train|eval] [group=option ...] [key=value ...]``."""
+"""kd entry point: ``python run.py [task=distill|train|eval|predict|export] [group=option ...] [key=value ...]``."""
 
 import hydra
 from omegaconf import DictConfig

@@ -43,7 +43,7 @@ def compose_cfg(out: Path, cache_dir: Path, *overrides: str) -> DictConfig:
 def distilled(tmp_path_factory, cache_dir) -> Path:
     """The output folder of one short digits distillation, shared by this module's tests."""
     out = tmp_path_factory.mktemp("distilled")
-    distill(compose_cfg(out, cache_dir))
+    distill(compose_cfg(out, cache_dir, "trainer.max_epochs=1", "trainer.limit_train_batches=4"))
     return out
 
 
@@ -156,6 +156,7 @@ def test_predict_reports_bad_inputs(distilled, cache_dir, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.filterwarnings("ignore:.*torch.jit.load.* is deprecated")
 def test_export_round_trips_every_format(distilled, cache_dir, tmp_path):
     import onnxruntime
 
