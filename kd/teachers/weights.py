@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import pickle
+import re
 import struct
 import zipfile
 from pathlib import Path
@@ -65,12 +66,14 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "Weights only load failed" in str(error):
+        if found := re.search(r"Unsupported global: GLOBAL (\S+)", str(error)):
             raise KdError(
-                f"weights file {path} holds Python objects besides tensors (a whole pickled model?); "
+                f"weights file {path} holds Python objects besides tensors ({found[1]}: a whole pickled model?); "
                 "save model.state_dict() instead"
             ) from None
-        raise KdError(f"weights file {path} is corrupt ({str(error)[:120]}); copy or save it again") from None
+        raise KdError(
+            f"weights file {path} is corrupt (not a readable torch.save pickle); copy or save it again"
+        ) from None
     except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as error:
         raise KdError(
             f"weights file {path} is corrupt ({type(error).__name__}: {str(error).splitlines()[0][:120]}); "
