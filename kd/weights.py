@@ -26,13 +26,8 @@ from kd.teachers.weights import check_exists, load_into
 def zoo_arch(name: str):
     path = CONF_DIR / "model" / f"{name}.yaml"
     if not path.is_file():
-        known = sorted(p.stem for p in path.parent.glob("*.yaml") if paddle.supports(_model_name(p)))
-        raise KdError(f"--arch {name} is not a zoo model; use one of {', '.join(known)}")
+        raise KdError(f"--arch {name} is not a zoo model; use one of {', '.join(paddle.ZOO_NAMES)}")
     return instantiate(OmegaConf.load(path).arch)
-
-
-def _model_name(path: Path) -> str:
-    return str(OmegaConf.load(path).arch.get("model_name", ""))
 
 
 def convert(source: str | Path, target: str | Path, arch_name: str) -> str:
@@ -46,8 +41,7 @@ def convert(source: str | Path, target: str | Path, arch_name: str) -> str:
     if arch.backend != "timm" or not paddle.supports(arch.model_name):
         raise KdError(
             f"--arch {arch_name} is not a ResNet kd can map PaddleClas weights onto; "
-            f"use one of resnet50, resnet101, resnet152, resnet50_vc, resnet50_vd, resnet101_vd, resnet152_vd, "
-            "resnet200_vd"
+            f"use one of {', '.join(paddle.ZOO_NAMES)}"
         )
     check_exists(source)
     with torch.device("meta"):

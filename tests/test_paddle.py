@@ -131,6 +131,14 @@ def test_paddleclas_resnet18_first_block_shortcut_does_not_fit_timm_resnet18(tmp
         build_classifier(zoo_cfg("resnet18", path), NUM_CLASSES, "teacher")
 
 
+def test_pdparams_for_a_model_that_is_not_a_resnet_says_which_models_take_them(tmp_path):
+    path = save_pdparams({"fc.weight": np.zeros((4, 4), np.float32)}, tmp_path / "densenet.pdparams")
+    with pytest.raises(
+        KdError, match=r"is PaddleClas weights, which kd maps onto ResNets only, not a DenseNet; use resnet50,"
+    ):
+        build_classifier(zoo_cfg("densenet121", path), NUM_CLASSES, "teacher")
+
+
 def test_a_non_resnet_pdparams_says_which_layouts_kd_reads(tmp_path):
     path = save_pdparams({"embed.weight": np.zeros((4, 4), np.float32)}, tmp_path / "vit.pdparams")
     with pytest.raises(

@@ -53,6 +53,17 @@ PADDLECLAS_PREPROCESSING = Preprocessing(
     crop_pct=224 / 256,
 )
 
+# The zoo models backed by those timm ResNets (the names --arch and the error messages offer).
+ZOO_NAMES = (
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnet50_vc",
+    "resnet50_vd",
+    "resnet101_vd",
+    "resnet152_vd",
+    "resnet200_vd",
+)
 # timm ResNets whose layout PaddleClas's ResNet / ResNet_vc / ResNet_vd share. PaddleClas's ResNet18/34
 # (and their _vd) give the first block a 1x1 shortcut convolution that timm's resnet18/34 do not have.
 SUPPORTED_TIMM_MODELS = (

@@ -36,8 +36,15 @@ def read_weights_file(path: str | Path, net: nn.Module) -> tuple[dict[str, torch
     path = Path(path).expanduser()
     check_exists(path)
     if path.suffix == ".pdparams":
+        from timm.models.resnet import ResNet
+
         from kd.teachers import paddle
 
+        if not isinstance(net, ResNet):
+            raise KdError(
+                f"weights file {path} is PaddleClas weights, which kd maps onto ResNets only, not a "
+                f"{type(net).__name__}; use {', '.join(paddle.ZOO_NAMES)}"
+            )
         state, _ = paddle.read_paddle_weights(path, set(net.state_dict()))
         return state, paddle.PADDLECLAS_PREPROCESSING
     return read_state_dict(path), None
