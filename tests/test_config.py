@@ -43,14 +43,11 @@ def test_data_options_instantiate(make_cfg, tmp_path, option):
 
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("role", ["teacher", "student"])
-def test_model_options_build(make_cfg, role, name):
+def test_model_options_compose(make_cfg, role, name):
+    """Every zoo model composes in both roles; tests/test_zoo.py builds and runs each one."""
     cfg = make_cfg(f"{role}={name}")
     arch = instantiate(cfg[role].arch)
-    net = arch.build(num_classes=7)
-    channels, height, width = arch.preprocessing().input_size
-    size = min(height, 64)
-    out = net(torch.zeros(2, channels, size, size))
-    assert out.shape == (2, 7)
+    assert arch.preprocessing().in_chans in (1, 3)
     assert cfg[role].name == name
 
 

@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 from kd.errors import KdError
 from kd.models.classifier import Classifier
-from kd.teachers.weights import NO_WEIGHTS, is_local_file, load_into, read_state_dict, timm_pretrained_state
+from kd.teachers.weights import NO_WEIGHTS, is_local_file, load_into, read_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -37,20 +37,20 @@ def build_classifier(
     net = arch.build(num_classes)
     source = model_cfg.get("weights")
     name = model_cfg.get("name", "model")
-    pretrained_cfg = None
     if source in NO_WEIGHTS:
         log.info("%s %s: no weights given, random initialization", role, name)
         return Classifier(net, arch.preprocessing())
     if source == "auto":
         if obtain_auto is None:
             raise KdError(f"{role}.weights=auto needs a training run to obtain them; give {role}.weights=FILE")
-        state, description = read_state_dict(obtain_auto(model_cfg, role)), f"{role}.weights=auto"
+        state, preprocessing = read_weights_file(obtain_auto(model_cfg, role), net)
+        description = f"{role}.weights=auto"
     elif is_local_file(str(source)):
-        state, description = read_state_dict(source), str(source)
-    else:
-        tag = arch.model_name if source == "pretrained" else str(source)
-        state, pretrained_cfg = timm_pretrained_state(tag)
-        description = f"timm:{tag}"
+        state, preprocessing = read_weights_file(source, net)
+        description = str(source)
+    else:  # published weights by name: a timm tag, a torchvision weights name, or "pretrained"
+        state, preprocessing = arch.pretrained_state(str(source))
+        description = f"{arch.backend}:{source}"
     replaced = load_into(net, state, arch.classifier_prefixes(net), description)
     if replaced and not (role == "student" if allow_new_head is None else allow_new_head):
         raise KdError(
@@ -67,4 +67,4 @@ def build_classifier(
         )
     else:
         log.info("%s %s: loaded %s", role, name, description)
-    return Classifier(net, arch.preprocessing(pretrained_cfg))
+    return Classifier(net, preprocessing or arch.preprocessing())
