@@ -10,9 +10,11 @@ import torch
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
+from kd.data.mixup import BatchMixup
 from kd.errors import KdError
-from kd.losses.base import DistillationLoss
+from kd.losses.base import DistillationLoss, Features
 from kd.models import Classifier
+from kd.optim import OptimizerRecipe
 from kd.teachers import FrozenTeacher
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
@@ -36,17 +38,22 @@ class DistillationModule(L.LightningModule):
 
     With ``teacher=None`` it is plain supervised training (``task=train``). The teacher is kept out of
     the module's registered children on purpose: it is never in ``parameters()``, ``state_dict()``,
-    the optimizer or a DDP wrapper, and ``.train()`` cannot reach it.
+    the optimizer or a DDP wrapper, and ``.train()`` cannot reach it. The loss is a registered child:
+    its trainable parts (feature adapters) are optimized and checkpointed as ``loss.*``.
+
+    ``optimizer`` is an ``OptimizerRecipe`` or a plain ``torch.optim`` partial; ``mixup`` (a
+    ``BatchMixup``) mixes each training batch once, so teacher and student see the same tensor.
     """
 
     def __init__(
         self,
         student: Classifier,
         loss: DistillationLoss,
-        optimizer: OptimizerFactory,
+        optimizer: OptimizerRecipe | OptimizerFactory | None,
         scheduler: SchedulerFactory | None,
         num_classes: int,
         teacher: FrozenTeacher | None = None,
+        mixup: BatchMixup | None = None,
     ) -> None:
         super().__init__()
         if teacher is None and loss.uses_teacher:
@@ -56,7 +63,11 @@ class DistillationModule(L.LightningModule):
         self.student = student
         self.loss = loss
         self.__dict__["teacher"] = teacher  # bypasses nn.Module registration, see the class docstring
-        self.optimizer_factory = optimizer
+        loss.bind(student, teacher)
+        self.num_classes = num_classes
+        self.mixup = mixup
+        is_recipe = optimizer is None or isinstance(optimizer, OptimizerRecipe)
+        self.optimizer_factory = optimizer if is_recipe else OptimizerRecipe(optimizer)
         self.scheduler_factory = scheduler
         self.val_student = accuracy_metrics(num_classes, "student/")
         self.val_student_ece = calibration_error(num_classes)
@@ -70,11 +81,20 @@ class DistillationModule(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.student(images)
 
+    def on_train_epoch_start(self) -> None:
+        self.loss.start_epoch(self.current_epoch)
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, target = batch
-        teacher_logits = self.teacher(images) if self.loss.uses_teacher else None
-        student_logits = self.student(images)
-        loss = self.loss(student_logits, teacher_logits, target)
+        if self.mixup is not None:  # once, here: the teacher and the student get the same mixed tensor
+            key = (self.global_rank, self.current_epoch, batch_idx)
+            images, target = self.mixup(images, target, self.num_classes, key)
+        stages = self.loss.feature_stages()
+        teacher_logits, teacher_features = (
+            self.teacher.forward_with_features(images, stages.teacher) if self.loss.uses_teacher else (None, {})
+        )
+        student_logits, student_features = self.student.forward_with_features(images, stages.student)
+        loss = self.loss(student_logits, teacher_logits, target, Features(student_features, teacher_features))
         if not torch.isfinite(loss):
             raise KdError(
                 f"the loss became {loss.item()} at step {self.global_step} (terms: "
@@ -106,8 +126,8 @@ class DistillationModule(L.LightningModule):
     test_step = validation_step
 
     def configure_optimizers(self):
-        # self.parameters(): the student and any trainable loss parts (feature adapters), never the teacher.
-        optimizer = self.optimizer_factory(self.parameters())
+        # The student and any trainable loss parts (feature adapters), never the teacher.
+        optimizer = self.optimizer_factory(self, self.global_batch_size())
         if self.scheduler_factory is None:
             return optimizer
         total_steps = int(self.trainer.estimated_stepping_batches)
@@ -116,6 +136,13 @@ class DistillationModule(L.LightningModule):
             optimizer, total_steps=total_steps, steps_per_epoch=max(1, math.ceil(total_steps / epochs))
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def global_batch_size(self) -> int | None:
+        """Images per optimizer step: the per-device batch times devices times accumulated batches."""
+        per_device = getattr(self.trainer.datamodule, "batch_size", None)
+        if per_device is None:
+            return None
+        return per_device * self.trainer.world_size * self.trainer.accumulate_grad_batches
 
     def lr_scheduler_step(self, scheduler, metric) -> None:
         # timm schedulers take the number of finished updates, i.e. the index of the next step.

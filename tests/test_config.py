@@ -9,9 +9,12 @@ from hydra.utils import instantiate
 
 from kd.config import CONF_DIR
 from kd.data import ClassificationData
+from kd.data.mixup import BatchMixup
 from kd.losses import DistillationLoss
+from kd.tasks.common import optimizer_factory
+from tests.tiny_models import loss_on_images
 
-GROUPS = ("data", "loss", "optim", "sched", "trainer", "logger", "callbacks", "task", "experiment")
+GROUPS = ("data", "loss", "mixup", "optim", "sched", "trainer", "logger", "callbacks", "task", "experiment")
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 
 
@@ -55,15 +58,25 @@ def test_model_options_compose(make_cfg, role, name):
 def test_loss_options_instantiate(make_cfg, option):
     loss = instantiate(make_cfg(f"loss={option}").loss)
     assert isinstance(loss, DistillationLoss)
-    value = loss(torch.randn(4, 10), torch.randn(4, 10), torch.randint(0, 10, (4,)))
+    value, _, _ = loss_on_images(loss, torch.rand(4, 1, 8, 8), torch.randint(0, 10, (4,)))
     assert value.ndim == 0 and torch.isfinite(value)
+
+
+@pytest.mark.parametrize("option", options("mixup"))
+def test_mixup_options_instantiate_and_mix(make_cfg, option):
+    mixup = instantiate(make_cfg(f"mixup={option}").mixup)
+    assert isinstance(mixup, BatchMixup)
+    images, labels = torch.rand(8, 1, 8, 8), torch.arange(8) % 10
+    mixed, soft = mixup(images, labels, 10, key=(0, 0, 0))
+    assert mixed.shape == images.shape and soft.shape == (8, 10)
+    torch.testing.assert_close(soft.sum(dim=1), torch.ones(8))
 
 
 @pytest.mark.parametrize("optim", options("optim"))
 @pytest.mark.parametrize("sched", options("sched"))
 def test_optim_and_sched_options_instantiate(make_cfg, optim, sched):
     cfg = make_cfg(f"optim={optim}", f"sched={sched}")
-    optimizer = instantiate(cfg.optim)([torch.nn.Parameter(torch.zeros(3))])
+    optimizer = optimizer_factory(cfg)(torch.nn.Linear(3, 3))
     scheduler = instantiate(cfg.sched)(optimizer, total_steps=100, steps_per_epoch=10)
     scheduler.step_update(50)
     assert 0 < optimizer.param_groups[0]["lr"] < cfg.optim.lr

@@ -11,6 +11,7 @@ from omegaconf import DictConfig
 
 from kd.errors import KdError
 from kd.models.classifier import Classifier
+from kd.models.init import init_last_bn
 from kd.teachers.weights import NO_WEIGHTS, is_local_file, load_into, read_weights_file
 
 log = logging.getLogger(__name__)
@@ -37,7 +38,22 @@ def build_classifier(
     net = arch.build(num_classes)
     source = model_cfg.get("weights")
     name = model_cfg.get("name", "model")
+    zero_init_last_bn = bool(model_cfg.get("zero_init_last_bn", False))
+    if zero_init_last_bn and role != "student":
+        raise KdError(f"{role}.zero_init_last_bn=true applies to a student trained from scratch only; remove it")
+    if zero_init_last_bn and source not in NO_WEIGHTS:
+        raise KdError(
+            f"student.zero_init_last_bn=true is for a student trained from scratch, but student.weights={source} "
+            "loads weights; set student.weights=none or student.zero_init_last_bn=false"
+        )
     if source in NO_WEIGHTS:
+        if role == "student":
+            blocks = init_last_bn(net, zero=zero_init_last_bn)
+            if zero_init_last_bn and blocks == 0:
+                raise KdError(
+                    f"student.zero_init_last_bn=true, but student {name} has no residual blocks whose last "
+                    "BatchNorm could start at zero; set student.zero_init_last_bn=false"
+                )
         log.info("%s %s: no weights given, random initialization", role, name)
         return Classifier(net, arch.preprocessing())
     if source == "auto":

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from kd.errors import KdError
 from kd.io import write_json_atomic
 from kd.models import Classifier
 from kd.models.build import ObtainWeights, build_classifier
+from kd.optim import OptimizerRecipe
 from kd.teachers import FrozenTeacher
 
 log = logging.getLogger("kd")
@@ -87,10 +87,14 @@ def build_student(cfg: DictConfig, num_classes: int, obtain_auto: ObtainWeights 
     return build_classifier(cfg.student, num_classes, "student", obtain_auto)
 
 
-def optimizer_factory(cfg: DictConfig) -> partial:
+def optimizer_factory(cfg: DictConfig) -> OptimizerRecipe:
     if cfg.optim.lr <= 0:
         raise KdError(f"optim.lr={cfg.optim.lr} must be positive")
-    return instantiate(cfg.optim)
+    settings = OmegaConf.to_container(cfg.optim, resolve=True)
+    # kd's own Bag of Tricks keys (see conf/optim/sgd.yaml); the rest is the torch optimizer's.
+    no_bias_decay = bool(settings.pop("no_bias_decay", False))
+    lr_batch_size = settings.pop("lr_batch_size", None)
+    return OptimizerRecipe(instantiate(settings), no_bias_decay=no_bias_decay, lr_batch_size=lr_batch_size)
 
 
 def build_trainer(cfg: DictConfig, out: Path, extra_callbacks: list[L.Callback] = ()) -> L.Trainer:

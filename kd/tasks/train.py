@@ -41,13 +41,14 @@ def fit(cfg: DictConfig, task: str) -> dict:
     start = time.perf_counter()
     out = output_dir(cfg)
     loss = instantiate(cfg.loss)
+    mixup = instantiate(cfg.mixup) if cfg.get("mixup") else None  # checks the batch size before any work
     optimizer = optimizer_factory(cfg)
     scheduler = instantiate(cfg.sched) if cfg.get("sched") else None
     data = build_data(cfg, cfg.student)
     obtain_auto = PretrainedCache(cfg.paths.cache_dir, cfg.data, data, cfg.trainer.get("accelerator", "auto"))
     teacher = build_teacher(cfg, data.num_classes, obtain_auto) if task == "distill" else None
     student = build_student(cfg, data.num_classes, obtain_auto)
-    module = DistillationModule(student, loss, optimizer, scheduler, data.num_classes, teacher)
+    module = DistillationModule(student, loss, optimizer, scheduler, data.num_classes, teacher, mixup)
     provenance = {"teacher": cfg.teacher.name, "teacher_fingerprint": teacher.start_fingerprint} if teacher else {}
     card = card_for(student, data, model=cfg.student.get("name"), **provenance)
 

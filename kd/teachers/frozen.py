@@ -49,12 +49,21 @@ class FrozenTeacher(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_features(images)[0]
+
+    def feature_info(self) -> list[dict]:
+        return self.model.feature_info()
+
+    def forward_with_features(
+        self, images: torch.Tensor, stages: tuple[int, ...] = ()
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Logits and, for feature losses, the feature maps of ``stages``: one pass, same frozen regime."""
         if next(self.model.parameters()).device != images.device:
             self.to(images.device)
         with torch.inference_mode():
-            logits = self.model(images)
-        # A normal tensor (not an inference tensor), so losses can save it for the student's backward.
-        return logits.clone()
+            logits, features = self.model.forward_with_features(images, stages)
+        # Normal tensors (not inference tensors), so losses can save them for the student's backward.
+        return logits.clone(), {stage: feature.clone() for stage, feature in features.items()}
 
     def check_unchanged(self) -> str:
         end = fingerprint(self)

@@ -1,0 +1,44 @@
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import FAST, ROOT, run_cli
+
+LOSSES = ["soft_ce", "kd", "dml", "dkd", "dist", "ce", "fitnet", "kd_ce"]
+
+
+@pytest.mark.slow
+def test_multirun_over_every_loss_runs_each_job_to_the_end(tmp_path, cache_dir):
+    sweep = tmp_path / "sweep"
+    result = run_cli(
+        "-m",
+        f"loss={','.join(LOSSES)}",
+        *FAST,
+        f"hydra.sweep.dir={sweep}",
+        "hydra.sweep.subdir=${hydra.job.override_dirname}",
+        cwd=tmp_path,
+        cache_dir=cache_dir,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = {}
+    for path in sweep.glob("*/results.json"):
+        job = json.loads(path.read_text())
+        jobs[job["loss"]] = job
+    assert sorted(jobs) == sorted(LOSSES)
+    for loss, job in jobs.items():
+        metrics = job["metrics"]
+        assert 0.0 <= metrics["student/top1"] <= 1.0 and math.isfinite(metrics["student/top1"]), loss
+        assert job["teacher_fingerprint"]["start"] == job["teacher_fingerprint"]["end"], loss
+        logged = (sweep / f"loss={loss}" / "csv" / "metrics.csv").read_text().splitlines()[0].split(",")
+        assert "train/loss" in logged, loss
+    fitnet_terms = (sweep / "loss=fitnet" / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert "train/loss/hint" in fitnet_terms and "train/loss/ce" in fitnet_terms
+    dkd_terms = (sweep / "loss=dkd" / "csv" / "metrics.csv").read_text().splitlines()[0]
+    assert all(f"train/loss/{term}" in dkd_terms for term in ("tckd", "nckd", "ce"))
+    summary = subprocess.run(
+        [sys.executable, "-m", "kd.summary", str(sweep)], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
+    assert all(f"loss={loss} " in summary for loss in LOSSES)
