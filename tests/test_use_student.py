@@ -44,7 +44,9 @@ def compose_cfg(out: Path, cache_dir: Path, *overrides: str) -> DictConfig:
 def distilled(tmp_path_factory, cache_dir) -> Path:
     """The output folder of one short digits distillation, shared by this module's tests."""
     out = tmp_path_factory.mktemp("distilled")
-    distill(compose_cfg(out, cache_dir, "trainer.max_epochs=1", "trainer.limit_train_batches=4"))
+    distill(
+        compose_cfg(out, cache_dir, "trainer.max_epochs=1", "trainer.limit_train_batches=4", "sched.warmup_epochs=0")
+    )
     return out
 
 
