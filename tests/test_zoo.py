@@ -149,6 +149,9 @@ def test_preprocessing_comes_from_timm_and_torchvision_metadata():
     cifar = describe("resnet32x4")
     assert cifar.backend == "kd" and cifar.num_classes == 100 and cifar.sources == ["file", "auto"]
     assert "pdparams" in describe("resnet152_vd").sources and "pdparams" not in describe("resnet18").sources
+    paddle_only = describe("resnet200_vd")  # its weights are PaddleClas's, so is its evaluation view
+    assert paddle_only.input_size == [3, 224, 224] and paddle_only.interpolation == "bilinear"
+    assert paddle_only.weights == [] and paddle_only.default_weights is None
 
 
 def test_table_lists_name_backend_id_params_input_and_sources():

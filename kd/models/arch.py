@@ -58,14 +58,17 @@ class TimmArch:
     """Any timm model, by its timm name (``resnet50d`` is PaddleClas's ResNet50_vd).
 
     Extra keyword arguments go to the timm builder and may change the architecture
-    (``layers=[3, 12, 48, 3]``); timm's published weights then no longer apply.
+    (``layers=[3, 12, 48, 3]``); timm's published weights then no longer apply. ``data_config``
+    overrides entries of timm's ``pretrained_cfg`` (``input_size``, ``interpolation``, ``crop_pct``,
+    ``mean``, ``std``) for a model whose weights come from elsewhere.
     """
 
     backend = "timm"
 
-    def __init__(self, model_name: str, in_chans: int = 3, **kwargs) -> None:
+    def __init__(self, model_name: str, in_chans: int = 3, data_config: dict | None = None, **kwargs) -> None:
         self.model_name = model_name
         self.in_chans = in_chans
+        self.data_config = dict(data_config or {})
         self.kwargs = kwargs
 
     @property
@@ -83,7 +86,7 @@ class TimmArch:
         )
 
     def preprocessing(self, pretrained_cfg: dict | None = None) -> Preprocessing:
-        cfg = pretrained_cfg or timm.models.get_pretrained_cfg(self.model_name).to_dict()
+        cfg = pretrained_cfg or {**timm.models.get_pretrained_cfg(self.model_name).to_dict(), **self.data_config}
         _, height, width = cfg["input_size"]
         return Preprocessing(
             mean=tuple(cfg["mean"])[: self.in_chans] if self.in_chans != 3 else tuple(cfg["mean"]),
