@@ -7,8 +7,6 @@ dataset has another number of classes; that one is re-initialized and the caller
 from __future__ import annotations
 
 import logging
-import pickle
-import zipfile
 from pathlib import Path
 
 import torch
@@ -40,7 +38,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+    except Exception as error:  # garbage makes torch.load/safetensors fail in many ways (IndexError, SafetensorError)
         raise KdError(
             f"weights file {path} cannot be read ({type(error).__name__}); it is truncated or "
             "not a weights file, so pass a .pth/.pt/.ckpt/.safetensors file saved by torch"
