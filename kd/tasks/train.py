@@ -10,12 +10,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from kd.callbacks import TrainThroughput
+from kd.checks import check_before_work
 from kd.module import DistillationModule
 from kd.report import print_summary
+from kd.resume import check_resumable, read_checkpoint, resolve_checkpoint
 from kd.tasks.common import (
     build_data,
-    build_student,
-    build_teacher,
+    build_models,
     build_trainer,
     optimizer_factory,
     output_dir,
@@ -37,21 +38,30 @@ def train(cfg: DictConfig) -> dict:
 
 def fit(cfg: DictConfig, task: str) -> dict:
     start = time.perf_counter()
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # models with weights=none start from this seed
     out = output_dir(cfg)
     loss = instantiate(cfg.loss)
     optimizer = optimizer_factory(cfg)
     scheduler = instantiate(cfg.sched) if cfg.get("sched") else None
     data = build_data(cfg, cfg.student)
-    obtain_auto = PretrainedCache(cfg.paths.cache_dir, cfg.data, data, cfg.trainer.get("accelerator", "auto"))
-    teacher = build_teacher(cfg, data.num_classes, obtain_auto) if task == "distill" else None
-    student = build_student(cfg, data.num_classes, obtain_auto)
-    module = DistillationModule(student, loss, optimizer, scheduler, data.num_classes, teacher)
-
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
     throughput = TrainThroughput()
     trainer = build_trainer(cfg, out, [throughput])
+    check_before_work(cfg, data, loss, scheduler, trainer)
+    resume_from = resolve_checkpoint(cfg.get("ckpt_path"), trainer)
+    checkpoint = read_checkpoint(resume_from) if resume_from else None
+
+    obtain_auto = PretrainedCache(cfg.paths.cache_dir, cfg.data, data, cfg.trainer.get("accelerator", "auto"))
+    teacher, student = build_models(cfg, data.num_classes, obtain_auto, with_teacher=task == "distill")
+    module = DistillationModule(student, loss, optimizer, scheduler, data.num_classes, teacher)
+    if checkpoint is not None:
+        position = {"batch_size": data.batch_size, "num_replicas": trainer.world_size}
+        check_resumable(checkpoint, resume_from, module, teacher and teacher.start_fingerprint, position)
+        log.info("resuming from %s (epoch %d, step %d)", resume_from, checkpoint["epoch"], checkpoint["global_step"])
+        del checkpoint
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # training does not depend on what ran before
     before = validate(trainer, module, data)
-    trainer.fit(module, datamodule=data, ckpt_path=cfg.get("ckpt_path"))
+    trainer.fit(module, datamodule=data, ckpt_path=resume_from)
     after = validate(trainer, module, data)
 
     metrics = {
@@ -66,6 +76,7 @@ def fit(cfg: DictConfig, task: str) -> dict:
         **extra,
         "wall_time_s": round(time.perf_counter() - start, 3),
         "train_images_per_s": round(throughput.images_per_s, 2),
+        "world_size": trainer.world_size,
         "output_dir": str(out),
     }
     if trainer.is_global_zero:
