@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -135,20 +136,41 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     return checkpoint
 
 
-def check_resumable(
-    checkpoint: dict[str, Any],
-    path: Path,
-    module: L.LightningModule,
-    teacher_fingerprint: str | None,
-    position: dict[str, int],
-) -> None:
-    """Refuse a checkpoint that this run cannot continue exactly, before any work is done."""
+@dataclass
+class ResumePoint:
+    """The checkpoint a run resumes from, read and checked before any work."""
+
+    path: Path
+    checkpoint: dict[str, Any]
+
+    @classmethod
+    def find(cls, ckpt_path: str | None, trainer: L.Trainer) -> ResumePoint | None:
+        path = resolve_checkpoint(ckpt_path, trainer)
+        return cls(path, read_checkpoint(path)) if path is not None else None
+
+    def check(
+        self, module: L.LightningModule, teacher_fingerprint: str | None, batch_size: int, processes: int
+    ) -> None:
+        """Refuse a checkpoint that this run cannot continue exactly."""
+        check_teacher(self.checkpoint, self.path, teacher_fingerprint)
+        check_student(self.checkpoint, self.path, module)
+        check_data_position(self.checkpoint, self.path, {"batch_size": batch_size, "num_replicas": processes})
+        log.info(
+            "resuming from %s (epoch %d, step %d)", self.path, self.checkpoint["epoch"], self.checkpoint["global_step"]
+        )
+        self.checkpoint = {}  # Lightning reads the file itself
+
+
+def check_teacher(checkpoint: dict[str, Any], path: Path, teacher_fingerprint: str | None) -> None:
     saved = checkpoint.get("teacher_fingerprint")
     if saved and teacher_fingerprint and saved != teacher_fingerprint:
         raise KdError(
             f"checkpoint {path} was distilled from another teacher (fingerprint {saved[:12]}, this run's teacher "
             f"is {teacher_fingerprint[:12]}); resume with the teacher and teacher.weights the run started with"
         )
+
+
+def check_student(checkpoint: dict[str, Any], path: Path, module: L.LightningModule) -> None:
     own = {k: v.shape for k, v in module.state_dict().items()}
     theirs = {k: v.shape for k, v in checkpoint["state_dict"].items()}
     if own != theirs:
@@ -157,7 +179,11 @@ def check_resumable(
             f"checkpoint {path} holds another student or loss (e.g. {differing[0]}); resume with the student "
             "and loss the run started with"
         )
-    saved_position = next(
+
+
+def check_data_position(checkpoint: dict[str, Any], path: Path, position: dict[str, int]) -> None:
+    """The position in the data is counted in batches per process: both must be the same to continue."""
+    saved = next(
         (
             state["train_position"]
             for state in checkpoint.values()
@@ -165,10 +191,9 @@ def check_resumable(
         ),
         None,
     )
-    for key in ("batch_size", "num_replicas"):
-        if saved_position and saved_position.get(key) != position.get(key):
-            setting = "data.batch_size" if key == "batch_size" else "the number of processes (trainer.devices)"
+    for key, setting in (("batch_size", "data.batch_size"), ("num_replicas", "the number of processes")):
+        if saved and saved.get(key) != position[key]:
             raise KdError(
-                f"checkpoint {path} was written with {setting}={saved_position.get(key)}, this run has "
-                f"{position.get(key)}; resume with the same setting so the data continues where it stopped"
+                f"checkpoint {path} was written with {setting}={saved.get(key)}, this run has {position[key]}; "
+                "resume with the same setting so the data continues where it stopped"
             )

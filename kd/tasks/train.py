@@ -13,7 +13,7 @@ from kd.callbacks import TrainThroughput
 from kd.checks import check_before_work
 from kd.module import DistillationModule
 from kd.report import print_summary
-from kd.resume import check_resumable, read_checkpoint, resolve_checkpoint
+from kd.resume import ResumePoint
 from kd.tasks.common import (
     build_data,
     build_models,
@@ -47,21 +47,17 @@ def fit(cfg: DictConfig, task: str) -> dict:
     throughput = TrainThroughput()
     trainer = build_trainer(cfg, out, [throughput])
     check_before_work(cfg, data, loss, scheduler, trainer)
-    resume_from = resolve_checkpoint(cfg.get("ckpt_path"), trainer)
-    checkpoint = read_checkpoint(resume_from) if resume_from else None
+    resume = ResumePoint.find(cfg.get("ckpt_path"), trainer)
 
     obtain_auto = PretrainedCache(cfg.paths.cache_dir, cfg.data, data, cfg.trainer.get("accelerator", "auto"))
     teacher, student = build_models(cfg, data.num_classes, obtain_auto, with_teacher=task == "distill")
     module = DistillationModule(student, loss, optimizer, scheduler, data.num_classes, teacher)
-    if checkpoint is not None:
-        position = {"batch_size": data.batch_size, "num_replicas": trainer.world_size}
-        check_resumable(checkpoint, resume_from, module, teacher and teacher.start_fingerprint, position)
-        log.info("resuming from %s (epoch %d, step %d)", resume_from, checkpoint["epoch"], checkpoint["global_step"])
-        del checkpoint
+    if resume is not None:
+        resume.check(module, teacher and teacher.start_fingerprint, data.batch_size, trainer.world_size)
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # training does not depend on what ran before
     before = validate(trainer, module, data)
-    trainer.fit(module, datamodule=data, ckpt_path=resume_from)
+    trainer.fit(module, datamodule=data, ckpt_path=resume and resume.path)
     after = validate(trainer, module, data)
 
     metrics = {
