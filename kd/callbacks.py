@@ -22,6 +22,8 @@ class TrainThroughput(L.Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._last = time.perf_counter()
 
+    on_train_start = on_train_epoch_start  # a run resumed mid-epoch starts without an epoch start
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
         self.seconds += now - self._last

@@ -117,9 +117,9 @@ def read_card(weights: str | Path) -> StudentCard | None:
 
 
 class CardInCheckpoint(L.Callback):
-    """Writes the student's card into every Lightning checkpoint of the run."""
+    """Writes the student's card into every Lightning checkpoint of the run (set ``card`` before fitting)."""
 
-    def __init__(self, card: StudentCard) -> None:
+    def __init__(self, card: StudentCard | None) -> None:
         self.card = card
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:

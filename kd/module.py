@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 
@@ -11,11 +12,13 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
 from kd.data.mixup import BatchMixup
-from kd.errors import KdError
+from kd.errors import KdError, NonFiniteError
 from kd.losses.base import DistillationLoss, Features
 from kd.models import Classifier
 from kd.optim import OptimizerRecipe
 from kd.teachers import FrozenTeacher
+
+log = logging.getLogger("kd")
 
 OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., object]
@@ -96,11 +99,7 @@ class DistillationModule(L.LightningModule):
         student_logits, student_features = self.student.forward_with_features(images, stages.student)
         loss = self.loss(student_logits, teacher_logits, target, Features(student_features, teacher_features))
         if not torch.isfinite(loss):
-            raise KdError(
-                f"the loss became {loss.item()} at step {self.global_step} (terms: "
-                f"{ {k: round(v.item(), 4) for k, v in self.loss.last_terms.items()} }); "
-                "lower optim.lr or check the inputs"
-            )
+            self.stop_on_non_finite_loss(loss, batch_idx)
         batch_size = images.shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=batch_size)
         if len(self.loss.last_terms) > 1:
@@ -148,7 +147,44 @@ class DistillationModule(L.LightningModule):
         # timm schedulers take the number of finished updates, i.e. the index of the next step.
         scheduler.step_update(num_updates=self.global_step)
 
+    def stop_on_non_finite_loss(self, loss: torch.Tensor, batch_idx: int) -> None:
+        """Raised before the backward pass, so the weights and the last checkpoint are still the good ones."""
+        terms = self.loss.last_terms or {"loss": loss}
+        name, value = next(((k, v) for k, v in terms.items() if not torch.isfinite(v)), ("total", loss))
+        raise NonFiniteError(
+            f"the loss term {name} became {value.item()} at step {self.global_step} (epoch {self.current_epoch}, "
+            f"batch {batch_idx}), so the run stopped and kept its last good checkpoint; lower optim.lr, clip "
+            "gradients (trainer.gradient_clip_val=1.0) or check the inputs"
+        )
+
+    def on_train_start(self) -> None:
+        """The teacher runs beside the training wrapper (DDP), never inside it, on this process's device."""
+        if self.teacher is None:
+            return
+        self.teacher.to(self.device)
+        wrapped = self.trainer.strategy.model
+        teacher_params = {id(p) for p in self.teacher.parameters()}
+        if any(id(p) in teacher_params for p in wrapped.parameters()):
+            raise RuntimeError("the teacher is inside the training wrapper; it must not be a registered submodule")
+        log.info(
+            "teacher on %s, outside %s (%d trainable tensors) and the optimizer, process %d of %d",
+            self.device,
+            type(wrapped).__name__,
+            sum(1 for p in wrapped.parameters() if p.requires_grad),
+            self.global_rank + 1,
+            self.trainer.world_size,
+        )
+
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # A checkpoint with NaN or infinite weights would replace the last good one: refuse to write it.
+        broken = next(
+            (k for k, v in checkpoint["state_dict"].items() if v.is_floating_point() and not v.isfinite().all()), None
+        )
+        if broken is not None:
+            raise NonFiniteError(
+                f"the student's weights became non-finite ({broken}) by step {self.global_step}, so the run stopped "
+                "and kept its last good checkpoint; lower optim.lr or clip gradients (trainer.gradient_clip_val=1.0)"
+            )
         if self.teacher is not None:
             checkpoint["teacher_fingerprint"] = self.teacher.start_fingerprint
 

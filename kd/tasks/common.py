@@ -87,6 +87,26 @@ def build_student(cfg: DictConfig, num_classes: int, obtain_auto: ObtainWeights 
     return build_classifier(cfg.student, num_classes, "student", obtain_auto)
 
 
+def build_models(
+    cfg: DictConfig, num_classes: int, obtain_auto: ObtainWeights | None, with_teacher: bool
+) -> tuple[FrozenTeacher | None, Classifier]:
+    """Models whose weights are given (a file, a tag, none) are loaded first, so a bad file stops the run
+    before ``weights: auto`` spends minutes training the other model."""
+    roles = ("teacher", "student") if with_teacher else ("student",)
+    built: dict[str, Any] = {}
+    for role in sorted(roles, key=lambda r: str(cfg[r].get("weights")) == "auto"):
+        build = build_teacher if role == "teacher" else build_student
+        built[role] = build(cfg, num_classes, obtain_auto)
+    teacher = built.get("teacher")
+    if teacher is not None and str(cfg.teacher.get("weights")) in ("None", "", "none", "null"):
+        log.warning(
+            "teacher %s has no weights (teacher.weights=none): a random teacher has nothing to teach, "
+            "which only makes sense for smoke tests and benchmarks",
+            cfg.teacher.get("name"),
+        )
+    return teacher, built["student"]
+
+
 def optimizer_factory(cfg: DictConfig) -> OptimizerRecipe:
     if cfg.optim.lr <= 0:
         raise KdError(f"optim.lr={cfg.optim.lr} must be positive")
@@ -130,4 +150,6 @@ def write_results(out: Path, cfg: DictConfig, task: str, **extra: Any) -> Path:
         **extra,
         "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
     }
-    return write_json_atomic(out / "results.json", results)
+    path = write_json_atomic(out / "results.json", results)
+    log.info("results written to %s", path)
+    return path

@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 
+import lightning as L
 from omegaconf import DictConfig
 
 from kd.losses import LabelCrossEntropy
@@ -21,6 +22,7 @@ log = logging.getLogger("kd")
 
 def evaluate(cfg: DictConfig) -> dict:
     start = time.perf_counter()
+    L.seed_everything(cfg.seed, verbose=False)  # models with weights=none start from this seed
     out = output_dir(cfg)
     data = build_data(cfg, cfg.student)
     student, card = trained_student(cfg, data)
@@ -46,6 +48,7 @@ def evaluate(cfg: DictConfig) -> dict:
         "weights": str(cfg.student.get("weights")),
         **extra,
         "wall_time_s": round(time.perf_counter() - start, 3),
+        "world_size": trainer.world_size,
         "output_dir": str(out),
     }
     if trainer.is_global_zero:
