@@ -21,6 +21,7 @@ def test_multirun_over_every_loss_runs_each_job_to_the_end(tmp_path, cache_dir):
         "hydra.sweep.subdir=${hydra.job.override_dirname}",
         cwd=tmp_path,
         cache_dir=cache_dir,
+        timeout=1800,  # eight jobs, seconds each on an idle machine; far slower on a shared one
     )
     assert result.returncode == 0, result.stderr[-3000:]
     jobs = {}
