@@ -46,9 +46,9 @@ def fit(cfg: DictConfig, task: str) -> dict:
     obtain_auto = PretrainedCache(cfg.paths.cache_dir, cfg.data, data, cfg.trainer.get("accelerator", "auto"))
     teacher = build_teacher(cfg, data.num_classes, obtain_auto) if task == "distill" else None
     student = build_student(cfg, data.num_classes, obtain_auto)
-    module = DistillationModule(student, loss, optimizer, scheduler, data.num_classes, teacher, mixup)
-
+    # Seeded before the module: losses build their trainable parts (feature adapters) in it.
     L.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = DistillationModule(student, loss, optimizer, scheduler, data.num_classes, teacher, mixup)
     throughput = TrainThroughput()
     trainer = build_trainer(cfg, out, [throughput])
     before = validate(trainer, module, data)
