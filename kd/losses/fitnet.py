@@ -47,7 +47,7 @@ class FitNet(DistillationLoss):
         self,
         student_stage: int = -1,
         teacher_stage: int = -1,
-        hint_weight: float = 100.0,
+        hint_weight: float = 1.0,
         ce_weight: float = 1.0,
         label_smoothing: float = 0.0,
     ) -> None:

@@ -55,6 +55,8 @@ def fit(cfg: DictConfig, task: str) -> dict:
 
     obtain_auto = PretrainedCache(cfg.paths.cache_dir, cfg.data, data, cfg.trainer.get("accelerator", "auto"))
     teacher, student = build_models(cfg, data.num_classes, obtain_auto, with_teacher=task == "distill")
+    # Seeded before the module: losses build their trainable parts (feature adapters) in it.
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = DistillationModule(student, loss, optimizer, scheduler, data.num_classes, teacher, mixup)
     if resume is not None:
         resume.check(module, teacher and teacher.start_fingerprint, data.batch_size, trainer.world_size)
