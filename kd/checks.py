@@ -76,6 +76,7 @@ def check_loss_gives_gradient(loss: DistillationLoss, loss_cfg: DictConfig, num_
         return
     finally:
         loss.last_terms = {}
+        loss.zero_grad(set_to_none=True)  # trainable loss parts (feature adapters) keep no probe gradient
     if student.grad is None or not bool(student.grad.abs().sum() > 0):
         zeros = [f"loss.{k}={v}" for k, v in loss_cfg.items() if isinstance(v, int | float) and v == 0]
         raise KdError(

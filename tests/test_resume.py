@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -15,6 +16,7 @@ from safetensors.torch import save_file
 from kd.cli import user_error
 from kd.data.digits import DigitsData
 from kd.data.sampling import ResumableSampler, SeededViews, validation_sampler
+from kd.resume import RestoreRng
 from kd.tasks.common import build_data, build_teacher
 from kd.tasks.pretrain import PretrainedCache
 from kd.tasks.train import fit
@@ -183,3 +185,18 @@ def test_training_views_depend_on_seed_epoch_and_index_only():
     state = torch.get_rng_state()
     views[(5, 3)]
     assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is left as it was
+
+
+def test_rng_states_travel_through_a_checkpoint_and_return_before_the_first_resumed_step(tmp_path):
+    def draws():
+        return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
+
+    saving = RestoreRng()
+    torch.save(saving.state_dict(), tmp_path / "rng.pt")  # as Lightning stores a callback's state
+    expected = draws()
+
+    resuming = RestoreRng()
+    resuming.load_state_dict(torch.load(tmp_path / "rng.pt", weights_only=True))
+    draws()  # setting up draws from the RNGs before training starts
+    resuming.on_train_start(trainer=None, pl_module=None)
+    assert draws() == expected

@@ -25,8 +25,10 @@ def evaluate(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, verbose=False)  # models with weights=none start from this seed
     out = output_dir(cfg)
     data = build_data(cfg, cfg.student)
-    student, card = trained_student(cfg, data)
+    # The teacher first, as in distillation (kd.tasks.common.build_models): models with weights=none then get
+    # the same random initialization as in a distillation run of the same seed.
     teacher = build_teacher(cfg, data.num_classes, pretrained_cache(cfg, data)) if has_teacher(cfg) else None
+    student, card = trained_student(cfg, data)
     extra = {}
     if teacher is not None:
         extra["teacher_fingerprint"] = teacher.start_fingerprint
