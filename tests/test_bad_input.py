@@ -44,7 +44,7 @@ def assert_refused(result, expected: str, out: Path, cache: Path | None = None) 
     [
         (["teacher=nosuch"], "error: teacher=nosuch is unknown; choose one of "),
         (["student=resnet_nope"], "error: student=resnet_nope is unknown; choose one of "),
-        (["loss=nosuch"], "error: loss=nosuch is unknown; choose one of ce, kd, soft_ce"),
+        (["loss=nosuch"], "error: loss=nosuch is unknown; choose one of ce, dist, dkd, dml, fitnet, js, kd, kd_ce, "),
         (["data=imagenett"], "error: data=imagenett is unknown; choose one of cifar10, cifar100, digits, fake"),
         (["-m", "loss=kd,nosuch"], "error: loss=nosuch is unknown; choose one of "),
     ],
