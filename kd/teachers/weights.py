@@ -81,10 +81,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         raise KdError(
             f"weights file {path} is corrupt (not a readable torch.save pickle); copy or save it again"
         ) from None
-    except (RuntimeError, OSError, EOFError, ValueError, zipfile.BadZipFile) as error:
+    except Exception as error:  # garbage makes torch's unpickler fail in many ways (IndexError, RuntimeError, ...)
+        first_line = (str(error).splitlines() or [""])[0][:120]
         raise KdError(
-            f"weights file {path} is corrupt ({type(error).__name__}: {str(error).splitlines()[0][:120]}); "
-            "copy or save it again"
+            f"weights file {path} is corrupt ({type(error).__name__}: {first_line}); copy or save it again"
         ) from None
     return unwrap_state_dict(state, path)
 
