@@ -216,7 +216,7 @@ def test_weights_of_another_architecture_or_class_count_are_refused_for_a_teache
     save_file(other_net_state(digits_cfg, "teacher", 3), str(three_classes))
     with pytest.raises(
         KdError,
-        match="trained for another number of classes than the dataset's 10; give teacher weights trained on these classes",
+        match="another number of classes than the dataset's 10; give teacher weights trained on these classes",
     ):
         build_teacher_from(digits_cfg, three_classes)
 
