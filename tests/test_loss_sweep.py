@@ -15,11 +15,6 @@ def logged_columns(job: dict) -> set[str]:
     return set((Path(job["output_dir"]) / "csv" / "metrics.csv").read_text().splitlines()[0].split(","))
 
 
-def logged_columns(job: dict) -> str:
-    """The header of the CSV metrics the job logged, found in the folder its results.json names."""
-    return (Path(job["output_dir"]) / "csv" / "metrics.csv").read_text().splitlines()[0]
-
-
 @pytest.mark.slow
 def test_multirun_over_every_loss_runs_each_job_to_the_end(tmp_path, cache_dir):
     sweep = tmp_path / "sweep"
