@@ -65,6 +65,9 @@ def check_schedule_numbers(cfg: DictConfig) -> None:
 
 def check_loss_gives_gradient(loss: DistillationLoss, loss_cfg: DictConfig, num_classes: int) -> None:
     """A loss whose terms are all weighted zero is constant: the student would not learn. Probed on random logits."""
+    stages = loss.feature_stages()
+    if stages.student or stages.teacher:  # a feature loss needs the models' features (and bind), not logits alone
+        return
     generator = torch.Generator().manual_seed(0)
     student = torch.randn(4, num_classes, generator=generator, requires_grad=True)
     teacher = torch.randn(4, num_classes, generator=generator) if loss.uses_teacher else None
