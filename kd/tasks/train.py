@@ -9,7 +9,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from kd.callbacks import TrainThroughput
+from kd.callbacks import TrainThroughput, ValidationHistory
 from kd.module import DistillationModule
 from kd.report import print_summary
 from kd.tasks.common import (
@@ -48,8 +48,8 @@ def fit(cfg: DictConfig, task: str) -> dict:
     module = DistillationModule(student, loss, optimizer, scheduler, data.num_classes, teacher)
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    throughput = TrainThroughput()
-    trainer = build_trainer(cfg, out, [throughput])
+    throughput, history = TrainThroughput(), ValidationHistory()
+    trainer = build_trainer(cfg, out, [throughput, history])
     before = validate(trainer, module, data)
     trainer.fit(module, datamodule=data, ckpt_path=cfg.get("ckpt_path"))
     after = validate(trainer, module, data)
@@ -67,6 +67,7 @@ def fit(cfg: DictConfig, task: str) -> dict:
         "wall_time_s": round(time.perf_counter() - start, 3),
         "train_images_per_s": round(throughput.images_per_s, 2),
         "output_dir": str(out),
+        "history": [{"epoch": 0, "step": 0, **before}, *history.records],  # validation after each epoch
     }
     if trainer.is_global_zero:
         write_results(out, cfg, task, **results)
