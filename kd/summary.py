@@ -309,6 +309,8 @@ def write_summary(sweep_dir: str | Path) -> Summary:
     write_atomic(sweep_dir / "summary.md", lambda tmp: tmp.write_text(f"# Sweep {sweep_dir}\n\n{markdown}"))
     if any(job.status == "ok" for job in jobs):
         plot(jobs, sweep_dir / "summary.png")
+    else:  # nothing to draw: no picture from an earlier summary either
+        (sweep_dir / "summary.png").unlink(missing_ok=True)
     return Summary(jobs, markdown, sweep_dir)
 
 

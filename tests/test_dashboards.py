@@ -52,12 +52,23 @@ def offline_run(job_dir: Path) -> dict:
     return {"dir": run_dir, "run": run, "config": config, "history": history}
 
 
+def wandb_env(tmp_path: Path) -> dict[str, str]:
+    """Offline, with wandb's own config, cache and data folders inside the test's folder."""
+    folders = {name: str(tmp_path / "wandb-home" / name) for name in ("config", "cache", "data")}
+    return {
+        "WANDB_MODE": "offline",
+        "WANDB_CONFIG_DIR": folders["config"],
+        "WANDB_CACHE_DIR": folders["cache"],
+        "WANDB_DATA_DIR": folders["data"],
+    }
+
+
 @pytest.mark.slow
 def test_wandb_offline_sweep_gives_each_job_its_own_run_beside_tensorboard_and_csv(tmp_path, cache_dir):
     sweep = tmp_path / "sweep"
     result = run_cli(
         "-m", "logger=[csv,wandb,tensorboard]", "seed=0,1", "loss.alpha=0.5", *FAST, f"hydra.sweep.dir={sweep}",
-        cwd=tmp_path, cache_dir=cache_dir, extra_env={"WANDB_MODE": "offline"},
+        cwd=tmp_path, cache_dir=cache_dir, extra_env=wandb_env(tmp_path), timeout=1800,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     runs = [offline_run(sweep / job) for job in ("0", "1")]

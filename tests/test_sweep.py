@@ -15,6 +15,8 @@ from kd.summary import load_jobs, markdown_table, write_summary
 from tests.conftest import FAST, ROOT, run_cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ONE_EPOCH = [o for o in FAST if not o.startswith("trainer.max_epochs=")] + ["trainer.max_epochs=1"]
+SWEEP_TIMEOUT = 1800  # several jobs in one process; generous, for a machine shared with other work
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -25,7 +27,10 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 @pytest.mark.slow
 def test_three_job_sweep_summarizes_the_jobs_results(tmp_path, cache_dir):
     sweep = tmp_path / "sweep"
-    result = run_cli("-m", "loss=ce,soft_ce,kd", *FAST, f"hydra.sweep.dir={sweep}", cwd=tmp_path, cache_dir=cache_dir)
+    result = run_cli(
+        "-m", "loss=ce,soft_ce,kd", *FAST, f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path, cache_dir=cache_dir, timeout=SWEEP_TIMEOUT,
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
 
     rows = read_csv(sweep / "summary.csv")
@@ -74,8 +79,9 @@ def test_three_job_sweep_summarizes_the_jobs_results(tmp_path, cache_dir):
 def test_a_failing_job_is_listed_and_the_sweep_completes(tmp_path, cache_dir):
     sweep = tmp_path / "sweep"
     result = run_cli(
-        "-m", "loss=ce", "optim.lr=0.1,-1", *FAST, f"hydra.sweep.dir={sweep}", cwd=tmp_path, cache_dir=cache_dir
-    )
+        "-m", "loss=ce", "optim.lr=0.1,-1", *ONE_EPOCH, f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path, cache_dir=cache_dir, timeout=SWEEP_TIMEOUT,
+    )  # fmt: skip
     assert result.returncode == 1, result.stderr[-3000:]  # some job failed: the sweep says so in its exit code
     assert (sweep / "0" / "results.json").is_file()
     assert not (sweep / "1" / "results.json").exists()  # nothing that looks like a success
@@ -167,8 +173,8 @@ def test_joblib_launcher_composes(make_cfg):
 def test_joblib_runs_jobs_in_parallel_and_trains_shared_weights_once(tmp_path):
     cache, sweep = tmp_path / "fresh-cache", tmp_path / "sweep"  # empty: both jobs need the weights=auto models
     result = run_cli(
-        "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1", *FAST, f"hydra.sweep.dir={sweep}",
-        cwd=tmp_path, cache_dir=cache,
+        "-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1", *ONE_EPOCH, f"hydra.sweep.dir={sweep}",
+        cwd=tmp_path, cache_dir=cache, timeout=SWEEP_TIMEOUT,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert [row["status"] for row in read_csv(sweep / "summary.csv")] == ["ok", "ok"]
