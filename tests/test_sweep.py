@@ -3,6 +3,8 @@
 import csv
 import json
 import logging
+import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -142,6 +144,13 @@ def test_variants_are_ranked_with_mean_std_and_the_difference_to_ce(tmp_path):
     assert lines[3] == "| loss=ce | 2 | 91.00 ± 1.41 | baseline | 90.00 ± 0.00 | 10.0 |"
     assert "Overrides shared by every job: `trainer.max_epochs=2`." in markdown
     assert "- job 4 (`loss=kd seed=2 trainer.max_epochs=2`): unfinished" in markdown
+
+    summary = write_summary(tmp_path)
+    assert summary.markdown == markdown and len(summary.failed) == 1
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for name in ("summary.csv", "summary.md", "summary.png"):  # readable like any file the user writes
+        assert stat.S_IMODE((tmp_path / name).stat().st_mode) == 0o666 & ~umask, name
 
 
 def test_summary_of_a_folder_without_jobs_is_one_clear_error(tmp_path):
