@@ -208,7 +208,8 @@ def markdown_table(jobs: list[Job]) -> str:
         times = [job.results["wall_time_s"] for job in variant.finished if "wall_time_s" in job.results]
         cells.append(f"{statistics.mean(times):.1f}" if times else "—")
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\n" + "\n".join(notes(jobs, common)) + "\n"
+    table = "\n".join(lines) if rows else "No job finished."
+    return table + "\n\n" + "\n".join(notes(jobs, common)) + "\n"
 
 
 COLUMN_TITLES = {"student/top5": "student top-5 %", "agreement": "agreement %", "teacher/top1": "teacher top-1 %"}

@@ -17,7 +17,10 @@ from kd.summary import load_jobs, markdown_table, write_summary
 from tests.conftest import FAST, ROOT, run_cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-ONE_EPOCH = [o for o in FAST if not o.startswith("trainer.max_epochs=")] + ["trainer.max_epochs=1"]
+ONE_EPOCH = [o for o in FAST if not o.startswith("trainer.max_epochs=")] + [
+    "trainer.max_epochs=1",
+    "sched.warmup_epochs=0",
+]
 SWEEP_TIMEOUT = 1800  # several jobs in one process; generous, for a machine shared with other work
 
 
@@ -191,3 +194,13 @@ def test_joblib_runs_jobs_in_parallel_and_trains_shared_weights_once(tmp_path):
     trained = [log for log in logs if "teacher digits_teacher: no weights given, so trained it" in log]
     assert len(trained) == 1  # the other job waited for the file lock and reused the weights
     assert len(list((cache / "pretrained").glob("digits_teacher-*.safetensors"))) == 1
+
+
+def test_a_sweep_where_every_job_failed_says_so_and_draws_nothing(tmp_path):
+    write_job(tmp_path, "0", ["optim.lr=-1"], top1=None)
+    (tmp_path / "0" / "failure.json").write_text(json.dumps({"error": "optim.lr=-1 must be positive"}))
+    (tmp_path / "summary.png").write_bytes(PNG_MAGIC)  # from an earlier summary of this folder
+    summary = write_summary(tmp_path)
+    assert summary.markdown.startswith("No job finished.")
+    assert "- job 0 (`optim.lr=-1`): failed: optim.lr=-1 must be positive" in summary.markdown
+    assert not (tmp_path / "summary.png").exists()
