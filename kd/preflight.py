@@ -48,6 +48,11 @@ def check_group_choice(group: str, values: list[str]) -> None:
             raise KdError(f"{group}={value} is unknown; choose one of {', '.join(options)} (the files in {folder}/)")
 
 
+def option_names(value: object) -> list[str]:
+    """The options one value names: ``kd`` or, for several options of one group, ``[csv,wandb]``."""
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+
+
 def check_writable_folder(key: str, folder: str) -> None:
     """The folder exists and is writable, or its nearest existing ancestor is a writable folder."""
     if "${" in folder:  # resolved by Hydra later (the default outputs/${now:...})
@@ -76,9 +81,9 @@ def check_overrides(overrides: list[str]) -> None:
             if override.is_sweep_override():
                 if not override.is_choice_sweep() or override.value_type == ValueType.GLOB_CHOICE_SWEEP:
                     continue  # a glob picks existing options by definition
-                values = [str(v) for v in override.sweep_string_iterator()]
+                values = [v for choice in override.value().list for v in option_names(choice)]
             else:
-                values = [override.get_value_element_as_str()]
+                values = option_names(override.value())
             check_group_choice(key, values)
 
 

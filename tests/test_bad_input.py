@@ -70,8 +70,11 @@ def test_unwritable_hydra_output_folder_is_one_line(tmp_path):
 def test_preflight_accepts_valid_overrides_and_sweeps():
     check_overrides(["teacher=digits_teacher", "loss=kd,ce", "loss=glob(*)", "seed=range(3)", "optim.lr=0.2"])
     check_overrides(["+experiment=digits_kd", "hydra.run.dir=outputs/${now:%H}", "~logger"])
+    check_overrides(["logger=[csv,wandb,tensorboard]", "seed=0,1", "logger=[csv],[wandb]"])
     with pytest.raises(KdError, match=r"^optim=adam is unknown; choose one of adamw, sgd"):
         check_overrides(["optim=choice(sgd,adam)"])
+    with pytest.raises(KdError, match=r"^logger=wandbb is unknown; choose one of csv, none, tensorboard, wandb"):
+        check_overrides(["logger=[csv,wandbb]"])
 
 
 # ---------------------------------------------------------------- through run.py: refused before any work

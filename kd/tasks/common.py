@@ -123,6 +123,8 @@ def build_trainer(cfg: DictConfig, out: Path, extra_callbacks: list[L.Callback] 
     if trainer_cfg.get("enable_progress_bar") is None:
         trainer_cfg["enable_progress_bar"] = interactive
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    for logger in loggers:  # the whole resolved config, so every dashboard run says how it was made
+        logger.log_hyperparams(resolved_config(cfg))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if not loggers:  # logger=none: nothing to record the LR to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
@@ -131,6 +133,11 @@ def build_trainer(cfg: DictConfig, out: Path, extra_callbacks: list[L.Callback] 
     return instantiate(
         trainer_cfg, default_root_dir=str(out), callbacks=callbacks + list(extra_callbacks), logger=loggers or False
     )
+
+
+def resolved_config(cfg: DictConfig) -> dict[str, Any]:
+    run_keys = [key for key in cfg if key != "hydra"]  # hydra's own node is there only in composed tests
+    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, run_keys), resolve=True)
 
 
 def validate(trainer: L.Trainer, module: L.LightningModule, data: ClassificationData) -> dict[str, float]:

@@ -9,7 +9,7 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from kd.callbacks import TrainThroughput
+from kd.callbacks import TrainThroughput, ValidationHistory
 from kd.card import CardInCheckpoint, card_for
 from kd.checks import check_before_work
 from kd.export import export_student
@@ -47,9 +47,9 @@ def fit(cfg: DictConfig, task: str) -> dict:
     optimizer = optimizer_factory(cfg)
     scheduler = instantiate(cfg.sched) if cfg.get("sched") else None
     data = build_data(cfg, cfg.student)
-    throughput = TrainThroughput()
+    throughput, history = TrainThroughput(), ValidationHistory()
     card_callback = CardInCheckpoint(None)
-    trainer = build_trainer(cfg, out, [throughput, card_callback])
+    trainer = build_trainer(cfg, out, [throughput, history, card_callback])
     check_before_work(cfg, data, loss, scheduler, trainer)
     resume = ResumePoint.find(cfg.get("ckpt_path"), trainer)
 
@@ -82,6 +82,7 @@ def fit(cfg: DictConfig, task: str) -> dict:
         "train_images_per_s": round(throughput.images_per_s, 2),
         "world_size": trainer.world_size,
         "output_dir": str(out),
+        "history": [{"epoch": 0, "step": 0, **before}, *history.records],  # validation after each epoch
     }
     if trainer.is_global_zero:
         export_student(student, card, out, ["safetensors"])  # student.safetensors + student.json
