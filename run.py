@@ -1,10 +1,11 @@
-"""kd entry point: ``python run.py [task=distill|train|eval] [group=option ...] [key=value ...]``."""
+"""kd entry point: ``python run.py [task=distill|train|eval|predict|export] [group=option ...] [key=value ...]``."""
 
 import hydra
 from omegaconf import DictConfig
 
 from kd.cli import run_task
 from kd.config import register_models
+from kd.preflight import refuse_bad_command_line
 
 register_models()
 
@@ -15,4 +16,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    refuse_bad_command_line()
     main()

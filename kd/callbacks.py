@@ -1,4 +1,4 @@
-"""Small callbacks Lightning does not ship: training throughput and one plain line per epoch."""
+"""Small callbacks Lightning does not ship: training throughput, one plain line per epoch, validation history."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import time
 
 import lightning as L
 import torch
+from lightning.pytorch.trainer.states import TrainerFn
 
 log = logging.getLogger("kd")
 
@@ -21,6 +22,8 @@ class TrainThroughput(L.Callback):
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._last = time.perf_counter()
+
+    on_train_start = on_train_epoch_start  # a run resumed mid-epoch starts without an epoch start
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         now = time.perf_counter()
@@ -58,3 +61,22 @@ class EpochLine(L.Callback):
             lr,
             time.perf_counter() - self._start,
         )
+
+
+class ValidationHistory(L.Callback):
+    """The validation metrics after every validation during fit, for the sweep summary's curves."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, float]] = []
+
+    def on_validation_end(self, trainer, pl_module) -> None:  # epoch metrics are computed by now
+        if trainer.sanity_checking or trainer.state.fn != TrainerFn.FITTING or not trainer.is_global_zero:
+            return
+        batches_done = trainer.fit_loop.epoch_loop.batch_progress.current.completed
+        fraction = min(1.0, batches_done / trainer.num_training_batches) if trainer.num_training_batches else 1.0
+        metrics = {
+            key: float(value)
+            for key, value in trainer.callback_metrics.items()
+            if not key.startswith(("train/", "lr-")) and isinstance(value, torch.Tensor) and value.numel() == 1
+        }
+        self.records.append({"epoch": trainer.current_epoch + fraction, "step": trainer.global_step, **metrics})

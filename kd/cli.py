@@ -1,14 +1,21 @@
-"""Runs the chosen task and turns user errors into one line on stderr and exit code 2."""
+"""Runs the chosen task and turns user errors into one line on stderr and exit code 2.
+
+In a multirun, a failing job is recorded in its folder's failure.json instead, and the sweep goes on.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
+from pathlib import Path
 
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from kd.dashboards import finish_dashboards
 from kd.errors import KdError
 
 log = logging.getLogger("kd")
@@ -34,6 +41,8 @@ def route_lightning_logs_through_hydra() -> None:
 def run_task(cfg: DictConfig) -> float | None:
     """Returns the final student top-1, so Hydra sweepers can optimize it."""
     route_lightning_logs_through_hydra()
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        return run_sweep_job(cfg)
     try:
         results = instantiate(cfg.task)(cfg)
     except Exception as error:
@@ -43,4 +52,24 @@ def run_task(cfg: DictConfig) -> float | None:
         log.debug("user error", exc_info=error)
         print(f"error: {problem}", file=sys.stderr)
         sys.exit(2)
+    finish_dashboards(results)
+    return results["metrics"].get("student/top1")
+
+
+def run_sweep_job(cfg: DictConfig) -> float | None:
+    """One job of a multirun: any failure is logged and written to failure.json, and the sweep goes on."""
+    from kd.summary import FAILURE_FILE, write_failure
+
+    out = Path(cfg.paths.output_dir)
+    (out / FAILURE_FILE).unlink(missing_ok=True)  # from an earlier attempt in the same folder
+    try:
+        results = instantiate(cfg.task)(cfg)
+    except Exception as error:
+        problem = user_error(error)
+        message = str(problem) if problem is not None else f"{type(error).__name__}: {error}"
+        log.error("job failed: %s", message, exc_info=problem is None)  # a bug: its traceback goes to the log
+        write_failure(out, message, HydraConfig.get().overrides.task)
+        finish_dashboards(None)
+        return None
+    finish_dashboards(results)
     return results["metrics"].get("student/top1")

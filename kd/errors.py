@@ -1,2 +1,14 @@
 class KdError(Exception):
     """A problem the user can fix. Its message is one sentence that names the bad value and what to do."""
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        # A DataLoader worker's exception is re-raised in the main process as type(text) with the worker's
+        # traceback folded into the text; the sentence is its last line.
+        if "Original Traceback" in text:
+            return text.rstrip().splitlines()[-1].split(f"{type(self).__name__}: ", 1)[-1]
+        return text
+
+
+class NonFiniteError(KdError):
+    """The loss or the weights became NaN or infinite: the run stops and its last good checkpoint is kept."""

@@ -1,50 +1,347 @@
 """Summarize a sweep from its jobs' results.json files: ``python -m kd.summary multirun/DATE/TIME``.
 
-One row per variant (the job's overrides other than ``seed``): mean and standard deviation over seeds.
+Writes ``summary.csv`` (one row per job), ``summary.md`` (one row per variant: the overrides that differ
+between jobs, other than ``seed``, with mean and standard deviation over seeds) and ``summary.png`` into
+the sweep folder, and prints the markdown. A job that failed left ``failure.json`` instead of
+``results.json``; a job with neither did not finish (the sweep was interrupted). Nothing is read from logs.
+At the end of ``python run.py -m ...`` the ``SweepSummary`` Hydra callback does the same.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
+import io
 import json
+import logging
+import math
 import statistics
-from collections import defaultdict
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from kd.errors import KdError
+from kd.io import write_atomic, write_json_atomic
+
+log = logging.getLogger("kd")
+
+RESULTS_FILE = "results.json"
+FAILURE_FILE = "failure.json"
+SEED_KEY = "seed"
+BASELINE_LOSS = "ce"
+TOP1 = "student/top1"
 
 
-def load_jobs(sweep_dir: Path) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(sweep_dir.glob("*/results.json"))]
+@dataclass
+class Job:
+    """One job folder of a sweep: ``status`` is ok (results.json), failed (failure.json) or unfinished."""
+
+    name: str
+    overrides: list[str]
+    status: str
+    results: dict[str, Any] = field(default_factory=dict)
+    error: str = ""
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self.results.get("metrics", {})
 
 
-def variant(job: dict) -> str:
-    return " ".join(o for o in job.get("overrides", []) if not o.startswith("seed=")) or "(default)"
+@dataclass
+class Variant:
+    """The jobs that share every override but ``seed``."""
+
+    label: str
+    overrides: dict[str, str]
+    jobs: list[Job]
+
+    @property
+    def finished(self) -> list[Job]:
+        return [job for job in self.jobs if job.status == "ok"]
+
+    def values(self, key: str) -> list[float]:
+        return [job.metrics[key] for job in self.finished if key in job.metrics]
+
+    def mean(self, key: str) -> float:
+        values = self.values(key)
+        return statistics.mean(values) if values else math.nan
 
 
-def mean_std(values: list[float]) -> str:
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.2f} ± {100 * spread:.2f}"
+# --- the job's side: a failed job of a multirun says so in failure.json ---------------------------------
 
 
-def markdown_table(jobs: list[dict]) -> str:
-    groups: dict[str, list[dict]] = defaultdict(list)
+def write_failure(out: Path, error: str, overrides: Sequence[str]) -> Path:
+    """Record a failed job, never as a results.json: the summary lists it as failed with ``error``."""
+    failure = {"status": "failed", "error": error, "overrides": list(overrides)}
+    return write_json_atomic(Path(out) / FAILURE_FILE, failure)
+
+
+# --- reading a sweep folder -----------------------------------------------------------------------------
+
+
+def job_folders(sweep_dir: Path) -> list[Path]:
+    """Folders Hydra started a job in (``.hydra/``) or that hold a job's outcome, in job-number order."""
+    folders = [
+        p
+        for p in sweep_dir.iterdir()
+        if p.is_dir() and any((p / name).exists() for name in (".hydra", RESULTS_FILE, FAILURE_FILE))
+    ]
+    return sorted(folders, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
+
+
+def load_job(folder: Path) -> Job:
+    failure_path, results_path = folder / FAILURE_FILE, folder / RESULTS_FILE
+    hydra_overrides = folder / ".hydra" / "overrides.yaml"
+    overrides = [str(o) for o in OmegaConf.load(hydra_overrides)] if hydra_overrides.is_file() else []
+    if failure_path.is_file():  # a failure wins over a results.json left by an earlier attempt
+        failure = json.loads(failure_path.read_text())
+        return Job(folder.name, failure.get("overrides", overrides), "failed", error=failure.get("error", ""))
+    if results_path.is_file():
+        results = json.loads(results_path.read_text())
+        return Job(folder.name, results.get("overrides", overrides), "ok", results)
+    return Job(folder.name, overrides, "unfinished", error="no results.json: the job was interrupted or is running")
+
+
+def load_jobs(sweep_dir: str | Path) -> list[Job]:
+    sweep_dir = Path(sweep_dir)
+    folders = job_folders(sweep_dir) if sweep_dir.is_dir() else []
+    if not folders:
+        raise KdError(
+            f"{sweep_dir} holds no job folders of a sweep; give the folder `python run.py -m ...` printed "
+            "(multirun/DATE/TIME)"
+        )
+    return [load_job(folder) for folder in folders]
+
+
+def split_override(override: str) -> tuple[str, str]:
+    key, _, value = override.partition("=")
+    return key.lstrip("+~"), value
+
+
+def group_variants(jobs: list[Job]) -> tuple[list[Variant], list[str]]:
+    """Variants keyed by the overrides that differ between jobs (seed aside); and the overrides all share."""
+    common = set.intersection(*(set(job.overrides) for job in jobs))
+    variants: dict[tuple, Variant] = {}
     for job in jobs:
-        groups[variant(job)].append(job)
-    rows = sorted(groups.items(), key=lambda item: -statistics.mean(j["metrics"]["student/top1"] for j in item[1]))
-    lines = ["| variant | seeds | student top-1 % | student top-1 before % | agreement % |", "|---|---|---|---|---|"]
-    for name, members in rows:
-        metrics = [j["metrics"] for j in members]
-        cells = [
-            mean_std([m[key] for m in metrics]) if all(key in m for m in metrics) else "-"
-            for key in ("student/top1", "student_init/top1", "agreement")
-        ]
-        lines.append(f"| {name} | {len(members)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        own = dict(split_override(o) for o in job.overrides if o not in common)
+        own.pop(SEED_KEY, None)
+        key = tuple(sorted(own.items()))
+        if key not in variants:
+            label = " ".join(f"{k}={v}" for k, v in own.items()) or "(all jobs)"
+            variants[key] = Variant(label, own, [])
+        variants[key].jobs.append(job)
+    return list(variants.values()), [o for o in jobs[0].overrides if o in common]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("sweep_dir", type=Path)
-    print(markdown_table(load_jobs(parser.parse_args().sweep_dir)))
+def baseline_of(variant: Variant, variants: list[Variant]) -> Variant | None:
+    """The ``loss=ce`` variant with every other override equal, when the sweep has one."""
+    if "loss" not in variant.overrides:
+        return None
+    wanted = {**variant.overrides, "loss": BASELINE_LOSS}
+    return next((v for v in variants if v.overrides == wanted and v.finished), None)
+
+
+def ranked(variants: list[Variant]) -> list[Variant]:
+    """Variants with a finished job, best mean student top-1 first."""
+    done = [v for v in variants if v.finished]
+    return sorted(done, key=lambda v: -v.mean(TOP1) if not math.isnan(v.mean(TOP1)) else math.inf)
+
+
+# --- summary.csv ----------------------------------------------------------------------------------------
+
+CSV_LEAD = ["job", "status", "variant", "overrides", "seed", "task", "teacher", "student", "loss", "data"]
+CSV_TAIL = ["wall_time_s", "train_images_per_s", "error"]
+
+
+def csv_text(jobs: list[Job], variants: list[Variant]) -> str:
+    label = {id(job): v.label for v in variants for job in v.jobs}
+    metric_keys = list(dict.fromkeys(key for job in jobs for key in job.metrics))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_LEAD + metric_keys + CSV_TAIL, lineterminator="\n")
+    writer.writeheader()
+    for job in jobs:
+        seed = dict(split_override(o) for o in job.overrides).get(SEED_KEY, job.results.get("seed", ""))
+        row = {
+            "job": job.name,
+            "status": job.status,
+            "variant": label[id(job)],
+            "overrides": " ".join(job.overrides),
+            "seed": seed,
+            **{key: job.results.get(key, "") for key in ("task", "teacher", "student", "loss", "data")},
+            **job.metrics,  # written with repr(): the numbers read back equal results.json
+            **{key: job.results.get(key, "") for key in ("wall_time_s", "train_images_per_s")},
+            "error": job.error,
+        }
+        writer.writerow(row)
+    return buffer.getvalue()
+
+
+# --- summary.md -----------------------------------------------------------------------------------------
+
+
+def percent(values: list[float]) -> str:
+    if not values:
+        return "—"
+    if len(values) == 1:
+        return f"{100 * values[0]:.2f}"
+    return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
+
+
+def markdown_table(jobs: list[Job]) -> str:
+    """One row per variant, best mean student top-1 first; failed and unfinished jobs listed below."""
+    variants, common = group_variants(jobs)
+    rows = ranked(variants)
+    optional = [key for key in ("student/top5", "agreement", "teacher/top1") if any(key in j.metrics for j in jobs)]
+    with_baseline = any(baseline_of(v, variants) for v in rows)
+    header = ["variant", "seeds", "student top-1 %"] + ["Δ top-1 vs ce (points)"] * with_baseline
+    header += [COLUMN_TITLES[key] for key in optional] + ["time s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for variant in rows:
+        cells = [variant.label, seeds_cell(variant), percent(variant.values(TOP1))]
+        cells += [delta_cell(variant, baseline_of(variant, variants))] * with_baseline
+        cells += [percent(variant.values(key)) for key in optional]
+        times = [job.results["wall_time_s"] for job in variant.finished if "wall_time_s" in job.results]
+        cells.append(f"{statistics.mean(times):.1f}" if times else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines) if rows else "No job finished."
+    return table + "\n\n" + "\n".join(notes(jobs, common)) + "\n"
+
+
+COLUMN_TITLES = {"student/top5": "student top-5 %", "agreement": "agreement %", "teacher/top1": "teacher top-1 %"}
+
+
+def seeds_cell(variant: Variant) -> str:
+    finished, started = len(variant.finished), len(variant.jobs)
+    return f"{finished}" if finished == started else f"{finished} of {started}"
+
+
+def delta_cell(variant: Variant, baseline: Variant | None) -> str:
+    if baseline is None:
+        return "—"
+    if baseline is variant:
+        return "baseline"
+    return f"{100 * (variant.mean(TOP1) - baseline.mean(TOP1)):+.2f}"
+
+
+def notes(jobs: list[Job], common: list[str]) -> list[str]:
+    finished = sum(job.status == "ok" for job in jobs)
+    lines = [f"{len(jobs)} jobs: {finished} finished, {len(jobs) - finished} failed or unfinished."]
+    if common:
+        lines.append("Overrides shared by every job: " + " ".join(f"`{o}`" for o in common) + ".")
+    lines.append("Mean ± standard deviation over seeds; metrics after the last epoch.")
+    failed = [job for job in jobs if job.status != "ok"]
+    if failed:
+        lines.append("\nFailed or unfinished jobs:\n")
+        for job in failed:
+            overrides = " ".join(job.overrides) or "no overrides"
+            lines.append(f"- job {job.name} (`{overrides}`): {job.status}: {one_line(job.error)}")
+    return lines
+
+
+def one_line(text: str, limit: int = 300) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# --- summary.png ----------------------------------------------------------------------------------------
+
+
+def plot(jobs: list[Job], path: Path) -> Path:
+    """Bar chart of mean student top-1 per variant with standard deviations, and every job's val top-1 curve."""
+    from matplotlib.figure import Figure  # the Agg canvas, no GUI backend and no global pyplot state
+
+    variants, _ = group_variants(jobs)
+    rows = ranked(variants)
+    figure = Figure(figsize=(12, max(3.5, 0.45 * len(rows) + 2)), layout="constrained")
+    bars, curves = figure.subplots(1, 2, width_ratios=[1, 1.2])
+    colors = {v.label: f"C{i % 10}" for i, v in enumerate(rows)}
+    names = [v.label for v in rows][::-1]
+    means = [100 * v.mean(TOP1) for v in rows][::-1]
+    spreads = [100 * statistics.stdev(v.values(TOP1)) if len(v.values(TOP1)) > 1 else 0.0 for v in rows][::-1]
+    bars.barh(names, means, xerr=spreads, color=[colors[n] for n in names], capsize=4)
+    for y, variant in enumerate(rows[::-1]):
+        bars.scatter([100 * x for x in variant.values(TOP1)], [y] * len(variant.values(TOP1)), color="k", s=8, zorder=3)
+    low = min((100 * x for v in rows for x in v.values(TOP1)), default=0.0)
+    bars.set_xlim(max(0.0, low - 3), 100)
+    bars.set_xlabel("student top-1 % (mean ± std over seeds, dots: jobs)")
+    bars.set_title("final validation top-1 per variant")
+    for variant in rows:
+        for job in variant.finished:
+            history = [h for h in job.results.get("history", []) if TOP1 in h]
+            if history:
+                xs, ys = [h["epoch"] for h in history], [100 * h[TOP1] for h in history]
+                curves.plot(xs, ys, color=colors[variant.label], alpha=0.8, lw=1.2, label=variant.label)
+    handles, labels = curves.get_legend_handles_labels()
+    unique = dict(zip(labels, handles, strict=True))
+    if unique:
+        curves.legend(unique.values(), unique.keys(), fontsize="small", loc="lower right")
+    curves.set_xlabel("epoch (0: before training)")
+    curves.set_ylabel("student top-1 %")
+    curves.set_title("validation top-1 of every job")
+    curves.grid(alpha=0.3)
+    return write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=80))
+
+
+# --- all three files ------------------------------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    jobs: list[Job]
+    markdown: str
+    folder: Path
+
+    @property
+    def failed(self) -> list[Job]:
+        return [job for job in self.jobs if job.status != "ok"]
+
+
+def write_summary(sweep_dir: str | Path) -> Summary:
+    sweep_dir = Path(sweep_dir)
+    jobs = load_jobs(sweep_dir)
+    variants, _ = group_variants(jobs)
+    markdown = markdown_table(jobs)
+    write_atomic(sweep_dir / "summary.csv", lambda tmp: tmp.write_text(csv_text(jobs, variants)))
+    write_atomic(sweep_dir / "summary.md", lambda tmp: tmp.write_text(f"# Sweep {sweep_dir}\n\n{markdown}"))
+    if any(job.status == "ok" for job in jobs):
+        plot(jobs, sweep_dir / "summary.png")
+    else:  # nothing to draw: no picture from an earlier summary either
+        (sweep_dir / "summary.png").unlink(missing_ok=True)
+    return Summary(jobs, markdown, sweep_dir)
+
+
+class SweepSummary(Callback):
+    """Hydra callback (``hydra.callbacks`` in conf/config.yaml): summarize the sweep when it ends."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        summary = write_summary(config.hydra.sweep.dir)
+        print(f"\nSweep summary ({summary.folder}/summary.md, summary.csv, summary.png):\n\n{summary.markdown}")
+        wandb_cfg = OmegaConf.select(config, "logger.wandb")
+        if wandb_cfg is not None:
+            from kd.dashboards import publish_sweep
+
+            publish_sweep(summary, wandb_cfg)
+        if summary.failed:
+            failed, total = len(summary.failed), len(summary.jobs)
+            log.error("%d of %d jobs failed or did not finish; see %s/summary.md", failed, total, summary.folder)
+            sys.exit(1)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("sweep_dir", type=Path, help="the sweep folder, multirun/DATE/TIME")
+    args = parser.parse_args(argv)
+    try:
+        summary = write_summary(args.sweep_dir)
+    except KdError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print(summary.markdown)
 
 
 if __name__ == "__main__":

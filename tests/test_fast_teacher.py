@@ -39,14 +39,14 @@ class RecordTeacherDtype(L.Callback):
     def __init__(self, module):
         self.dtypes = []
         teacher = module.teacher
-        forward = teacher.forward
+        forward = teacher.forward_with_features
 
-        def recording(images, view_ids=None):
-            logits = forward(images, view_ids)
+        def recording(images, stages=()):
+            logits, features = forward(images, stages)
             self.dtypes.append((logits.dtype, torch.is_autocast_enabled("cpu")))
-            return logits
+            return logits, features
 
-        teacher.forward = recording
+        teacher.forward_with_features = recording
 
 
 def test_teacher_runs_in_bfloat16_when_the_trainer_precision_asks(make_cfg):

@@ -69,12 +69,12 @@ def step_losses(out_dir) -> list[float]:
 def teacher_calls_in_training_steps(monkeypatch):
     """Counts real teacher forward passes made inside ``training_step``."""
     calls, inside = [], []
-    forward, step = FrozenTeacher.forward, DistillationModule.training_step
+    forward, step = FrozenTeacher.forward_with_features, DistillationModule.training_step
 
-    def counting_forward(self, images, view_ids=None):
+    def counting_forward(self, images, stages=()):
         if inside:
             calls.append(images.shape[0])
-        return forward(self, images, view_ids)
+        return forward(self, images, stages)
 
     def marked_step(self, batch, batch_idx):
         inside.append(True)
@@ -83,7 +83,7 @@ def teacher_calls_in_training_steps(monkeypatch):
         finally:
             inside.pop()
 
-    monkeypatch.setattr(FrozenTeacher, "forward", counting_forward)
+    monkeypatch.setattr(FrozenTeacher, "forward_with_features", counting_forward)
     monkeypatch.setattr(DistillationModule, "training_step", marked_step)
     return calls
 
@@ -110,13 +110,13 @@ def test_cached_run_gives_the_uncached_losses_at_every_step(
     # Sharper: an uncached run whose teacher logits go through the float16 storage gives the cached
     # losses (bit-equal on this CPU; the 1e-6 leaves room for kernels whose sums depend on the batch
     # composition: the cache is filled in index order, training batches are shuffled).
-    forward = FrozenTeacher.forward
+    forward = FrozenTeacher.forward_with_features
 
-    def stored_precision(self, images, view_ids=None):
-        logits = forward(self, images, view_ids)
-        return decode(encode(logits, logits.shape[1]), logits.shape[1])
+    def stored_precision(self, images, stages=()):
+        logits, features = forward(self, images, stages)
+        return decode(encode(logits, logits.shape[1]), logits.shape[1]), features
 
-    monkeypatch.setattr(FrozenTeacher, "forward", stored_precision)
+    monkeypatch.setattr(FrozenTeacher, "forward_with_features", stored_precision)
     fit(make_cfg(*SHORT, f"paths.output_dir={tmp_path / 'rounded'}"), task="distill")
     rounded = np.array(step_losses(tmp_path / "rounded"))
     assert np.allclose(stored, rounded, rtol=1e-6, atol=0)
@@ -186,7 +186,7 @@ KILL_WHILE_WRITING = textwrap.dedent(
     register_models()
     write_epoch = TeacherOutputStore._write_epoch
 
-    def killed_half_way_through_epoch_1(self, tmp, epoch, fill):
+    def killed_half_way_through_epoch_1(self, tmp, epoch, fill, every_sample):
         def fill_then_die(e, write):
             batches = []
             def counting_write(indices, logits):
@@ -195,7 +195,7 @@ KILL_WHILE_WRITING = textwrap.dedent(
                 if e == 1 and len(batches) == 10:
                     os.kill(os.getpid(), signal.SIGKILL)
             fill(e, counting_write)
-        return write_epoch(self, tmp, epoch, fill_then_die)
+        return write_epoch(self, tmp, epoch, fill_then_die, every_sample)
 
     TeacherOutputStore._write_epoch = killed_half_way_through_epoch_1
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):

@@ -11,8 +11,8 @@ from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import v2 as T
 
+from kd.data.sampling import SeededViews, check_reproducible
 from kd.data.transforms import train_view
-from kd.data.views import SeededViews, ViewSampler, check_reproducible
 from kd.errors import KdError
 from kd.models import Classifier
 from kd.module import DistillationModule
@@ -30,36 +30,21 @@ class RecordBatches(L.Callback):
         self.batches.append((trainer.current_epoch, images.clone(), targets.clone(), view_ids.clone()))
 
 
-def digits_views(make_cfg, *overrides):
-    data = build_data(make_cfg(*overrides), make_cfg().student)
-    return data, SeededViews(data.train_set, seed=data.seed)
-
-
-def test_a_view_is_a_function_of_seed_epoch_and_index(make_cfg):
-    data, views = digits_views(make_cfg, "seed=3")
-    assert data.seed == 3
+def test_a_view_is_a_function_of_seed_epoch_and_index_and_carries_its_id(make_cfg):
+    data = build_data(make_cfg(), make_cfg().student)
+    views = SeededViews(data.train_set, seed=3)
     rng_before = torch.get_rng_state()
-    image, target, view_id = views[(2, 5)]
+    image, target, view_id = views[(5, 2)]  # sample 5, epoch 2
     assert torch.equal(torch.get_rng_state(), rng_before)  # the training loop's random stream is untouched
-    assert view_id.tolist() == [2, 5] and target == int(data.train_set.labels[5])
+    assert view_id.tolist() == [5, 2] and target == int(data.train_set.labels[5])
     torch.manual_seed(123)  # whatever the global state, the same key gives the same view
-    assert torch.equal(views[(2, 5)][0], image)
-    epochs = torch.stack([views[(epoch, 5)][0] for epoch in range(8)])
+    assert torch.equal(views[(5, 2)][0], image)
+    epochs = torch.stack([views[(5, epoch)][0] for epoch in range(8)])
     assert len({tuple(e.flatten().tolist()) for e in epochs}) > 2  # the shift changes from epoch to epoch
     other_seed = SeededViews(data.train_set, seed=4)
-    assert any(not torch.equal(views[(e, i)][0], other_seed[(e, i)][0]) for e in range(3) for i in range(5))
-
-
-def test_sampler_order_is_seeded_per_epoch_and_covers_every_sample():
-    sampler = ViewSampler(50, seed=0)
-    sampler.set_epoch(4)
-    order = list(sampler)
-    assert sorted(index for _, index in order) == list(range(50)) and {epoch for epoch, _ in order} == {4}
-    again = ViewSampler(50, seed=0, epoch=4)
-    assert list(again) == order
-    sampler.set_epoch(5)
-    assert [i for _, i in sampler] != [i for _, i in order]
-    assert [i for _, i in ViewSampler(50, seed=0, shuffle=False)] == list(range(50))
+    assert any(not torch.equal(views[(i, e)][0], other_seed[(i, e)][0]) for e in range(3) for i in range(5))
+    batch = views.__getitems__([(5, 2), 7])  # a batch at once; a plain index is loaded unseeded (epoch -1)
+    assert torch.equal(batch[0][0], image) and batch[1][2].tolist() == [7, -1]
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -79,17 +64,18 @@ def test_views_the_student_trained_on_are_rebuilt_bit_identically(make_cfg, work
         enable_progress_bar=False,
         callbacks=[recorder],
     )
+    L.seed_everything(7, verbose=False)  # the run's seed (PL_GLOBAL_SEED) decides the order and the views
     trainer.fit(module, datamodule=data)
 
     assert [epoch for epoch, *_ in recorder.batches] == [0, 0, 1, 1, 2, 2]
     rebuilt = SeededViews(data.train_set, seed=7)  # a fresh object, as a later process would build it
     for epoch, images, targets, view_ids in recorder.batches:
-        assert (view_ids[:, 0] == epoch).all()
-        for image, target, (view_epoch, index) in zip(images, targets, view_ids.tolist(), strict=True):
-            view, view_target, _ = rebuilt[(view_epoch, index)]
+        assert (view_ids[:, 1] == epoch).all()
+        for image, target, (index, view_epoch) in zip(images, targets, view_ids.tolist(), strict=True):
+            view, view_target, _ = rebuilt[(index, view_epoch)]
             assert torch.equal(view, image) and view_target == target
-    first_epoch = recorder.batches[0][3][:, 1].tolist()
-    assert first_epoch != recorder.batches[2][3][:, 1].tolist()  # each epoch has its own order
+    first_epoch = recorder.batches[0][3][:, 0].tolist()
+    assert first_epoch != recorder.batches[2][3][:, 0].tolist()  # each epoch has its own order
 
 
 @pytest.fixture
@@ -109,9 +95,9 @@ def test_crop_flip_and_colour_jitter_views_are_rebuilt(image_folder):
     )
     views = SeededViews(ImageFolder(str(image_folder), transform=transform), seed=0)
     check_reproducible(views)
-    for key in [(0, 0), (3, 4), (9, 5)]:
+    for key in [(0, 0), (4, 3), (5, 9)]:
         assert torch.equal(views[key][0], SeededViews(views.dataset, seed=0)[key][0])
-    per_epoch = [views[(epoch, 1)][0] for epoch in range(6)]
+    per_epoch = [views[(1, epoch)][0] for epoch in range(6)]
     assert len({tuple(v.flatten()[:64].tolist()) for v in per_epoch}) == 6  # new crop/flip/jitter each epoch
     assert "RandomResizedCrop" in views.describe() and "ColorJitter" in views.describe()
 
@@ -124,14 +110,3 @@ def test_a_transform_drawing_from_python_random_is_refused(image_folder):
     views = SeededViews(ImageFolder(str(image_folder), transform=transform), seed=0)
     with pytest.raises(KdError, match="outside torch's generator"):
         check_reproducible(views, probes=6)
-
-
-def test_under_ddp_lightning_shards_the_view_sampler_and_forwards_the_epoch():
-    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
-
-    shards = [DistributedSamplerWrapper(ViewSampler(10, seed=0), num_replicas=2, rank=rank) for rank in (0, 1)]
-    for shard in shards:
-        shard.set_epoch(3)  # what Lightning calls before each epoch
-    keys = [list(shard) for shard in shards]
-    assert {epoch for part in keys for epoch, _ in part} == {3}
-    assert sorted(index for part in keys for _, index in part) == list(range(10))

@@ -1,23 +1,154 @@
-"""ImageNet layout: ``root/train/<class>/*`` and ``root/val/<class>/*``."""
+"""ImageNet layout: ``root/train/<class>/*`` and ``root/val/<class>/*``.
+
+Bad files (unreadable, empty, not an image) are found twice: at setup, every file's first bytes are checked
+against the image formats torchvision reads (in parallel threads: it costs a small read per file, not a
+decode), and when a file fails to decode during the run (a truncated JPEG passes the header check).
+``bad_images=stop`` (default) stops with the file named; ``bad_images=skip`` leaves it out and counts it.
+"""
 
 from __future__ import annotations
 
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
+from PIL import Image
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from kd.data.base import ClassificationData
 from kd.data.transforms import eval_view, train_view
 from kd.errors import KdError
 
+log = logging.getLogger("kd")
+
+BAD_IMAGE_POLICIES = ("stop", "skip")
+SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
+def visible(name: str) -> bool:
+    return not name.startswith(".")
+
 
 def class_folders(split_dir: Path) -> list[str]:
     if not split_dir.is_dir():
         raise KdError(f"data folder {split_dir} does not exist; set data.root to a folder with train/ and val/")
-    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir() and visible(p.name))
     if not classes:
         raise KdError(f"data folder {split_dir} has no class folders; put each class's images in {split_dir}/<class>/")
     return classes
+
+
+def looks_like_image(head: bytes) -> bool:
+    """The first bytes of a JPEG, PNG, GIF, BMP, TIFF, WebP or PNM (ppm/pgm) file."""
+    if head.startswith(SIGNATURES):
+        return True
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return True
+    return head[:1] == b"P" and head[1:2] in (b"1", b"2", b"3", b"4", b"5", b"6") and head[2:3].isspace()
+
+
+def image_problem(path: str) -> str | None:
+    """Why ``path`` is not a usable image file, or None. Reads its first 12 bytes only."""
+    if not path.lower().endswith(IMG_EXTENSIONS):
+        return "is not an image file (by its extension)"
+    try:
+        with open(path, "rb") as file:
+            head = file.read(12)
+    except OSError as error:
+        return f"cannot be read ({error.strerror})"
+    if not head:
+        return "is empty"
+    if not looks_like_image(head):
+        return "is not an image (its first bytes match no image format)"
+    return None
+
+
+class BadImage(Exception):
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path} {reason}")
+        self.path = path
+        self.reason = reason
+
+
+def load_rgb(path: str) -> Image.Image:
+    try:
+        with open(path, "rb") as file:
+            return Image.open(file).convert("RGB")
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise BadImage(path, f"cannot be decoded ({type(error).__name__}: {error})") from None
+
+
+class CheckedImageFolder(ImageFolder):
+    """torchvision's ImageFolder that handles bad files by policy instead of failing hours into a run."""
+
+    def __init__(self, root: str, transform: Any, bad_images: str = "stop", check_headers: bool = True) -> None:
+        self.bad_images = bad_images
+        self.check_headers = check_headers
+        self.skipped: dict[str, str] = {}
+        super().__init__(root, transform=transform, loader=load_rgb)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        classes = class_folders(Path(directory))  # hidden folders (.ipynb_checkpoints) are no classes
+        return classes, {name: index for index, name in enumerate(classes)}
+
+    def make_dataset(self, directory: str, class_to_idx: dict[str, int], *args: Any, **kwargs: Any) -> list:
+        candidates = []
+        for name, index in class_to_idx.items():
+            folder = os.path.join(directory, name)
+            files = [
+                os.path.join(root, file)
+                for root, _, names in sorted(os.walk(folder, followlinks=True))
+                for file in sorted(names)
+                if visible(file)
+            ]
+            if not files:
+                raise KdError(f"class folder {folder} has no images; put its images there or remove the folder")
+            candidates += [(path, index) for path in files]
+        if self.check_headers:
+            with ThreadPoolExecutor(max_workers=min(32, 4 * (os.cpu_count() or 1))) as pool:
+                problems = list(pool.map(image_problem, (path for path, _ in candidates), chunksize=256))
+        else:  # decode errors are still caught when a file is loaded
+            problems = [None if p.lower().endswith(IMG_EXTENSIONS) else "is not an image file" for p, _ in candidates]
+        samples = []
+        for (path, index), problem in zip(candidates, problems, strict=True):
+            if problem is None:
+                samples.append((path, index))
+            else:
+                self.handle(BadImage(path, problem))
+        if self.skipped:
+            log.warning(
+                "data.bad_images=skip: left out %d unreadable or non-image files under %s (first: %s %s)",
+                len(self.skipped),
+                directory,
+                *next(iter(self.skipped.items())),
+            )
+        for name, index in class_to_idx.items():
+            if not any(i == index for _, i in samples):
+                raise KdError(f"class folder {os.path.join(directory, name)} has no readable image; add some")
+        return samples
+
+    def handle(self, bad: BadImage) -> None:
+        if self.bad_images == "stop":
+            raise KdError(
+                f"image file {bad.path} {bad.reason}; remove or replace it, or pass data.bad_images=skip to leave "
+                "such files out"
+            )
+        if bad.path not in self.skipped:
+            self.skipped[bad.path] = bad.reason
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        """A file that fails to decode is handled by the policy; ``skip`` serves the next sample in its place."""
+        for offset in range(len(self.samples)):
+            try:
+                return super().__getitem__((index + offset) % len(self.samples))
+            except BadImage as bad:
+                if bad.path not in self.skipped:
+                    log.warning("data.bad_images=skip: %s %s; serving the next image instead", bad.path, bad.reason)
+                self.handle(bad)
+        raise KdError(f"no image under {self.root} can be decoded; check the dataset")
 
 
 class ImageFolderData(ClassificationData):
@@ -33,15 +164,21 @@ class ImageFolderData(ClassificationData):
         crop_pct: float | None = None,
         num_classes: int | None = None,
         eval_batch_size: int | None = None,
+        bad_images: str = "stop",
+        check_headers: bool = True,
     ) -> None:
         super().__init__(batch_size, num_workers, eval_batch_size)
         if root in (None, "", "???"):
             raise KdError("data.root is not set; pass data.root=/path/to/dataset with train/ and val/ inside")
+        if bad_images not in BAD_IMAGE_POLICIES:
+            raise KdError(f"data.bad_images={bad_images} is unknown; use stop or skip")
         self.root = Path(root).expanduser()
         self.image_size = image_size
         self.interpolation = interpolation or "bilinear"
         self.crop_pct = crop_pct or 0.875
         self.expected_classes = num_classes
+        self.bad_images = bad_images
+        self.check_headers = check_headers
         train_classes = class_folders(self.root / "train")
         val_classes = class_folders(self.root / "val")
         if train_classes != val_classes:
@@ -57,9 +194,12 @@ class ImageFolderData(ClassificationData):
             )
         self.class_names = train_classes
 
+    def split(self, name: str, transform: Any) -> CheckedImageFolder:
+        return CheckedImageFolder(str(self.root / name), transform, self.bad_images, self.check_headers)
+
     def setup(self, stage: str | None = None) -> None:
         if hasattr(self, "train_set"):
             return
         size = self.image_size or 224
-        self.train_set = ImageFolder(str(self.root / "train"), transform=train_view(size, self.interpolation))
-        self.val_set = ImageFolder(str(self.root / "val"), transform=eval_view(size, self.interpolation, self.crop_pct))
+        self.train_set = self.split("train", train_view(size, self.interpolation))
+        self.val_set = self.split("val", eval_view(size, self.interpolation, self.crop_pct))

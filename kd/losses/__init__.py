@@ -1,8 +1,25 @@
 """Losses: ``loss(student_logits, teacher_logits, target) -> scalar``, one small module per family."""
 
-from kd.losses.base import DistillationLoss
+from kd.losses.base import DistillationLoss, Features, FeatureStages
 from kd.losses.ce import LabelCrossEntropy
+from kd.losses.combined import WeightedSum
+from kd.losses.dist import DIST
+from kd.losses.dkd import DecoupledKD
+from kd.losses.dml import SymmetricKL
+from kd.losses.fitnet import FitNet
 from kd.losses.kd import HintonKD
 from kd.losses.soft_ce import SoftTargetCrossEntropy
 
-__all__ = ["DistillationLoss", "HintonKD", "LabelCrossEntropy", "SoftTargetCrossEntropy"]
+__all__ = [
+    "DIST",
+    "DecoupledKD",
+    "DistillationLoss",
+    "FeatureStages",
+    "Features",
+    "FitNet",
+    "HintonKD",
+    "LabelCrossEntropy",
+    "SoftTargetCrossEntropy",
+    "SymmetricKL",
+    "WeightedSum",
+]

@@ -1,14 +1,53 @@
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
+
+if TYPE_CHECKING:
+    from kd.models import Classifier
+    from kd.teachers import FrozenTeacher
+
+
+@dataclass(frozen=True)
+class FeatureStages:
+    """Which intermediate feature maps a loss reads: stage indices of the student and of the teacher
+    (timm's ``feature_info`` numbering; negative counts from the last stage)."""
+
+    student: tuple[int, ...] = ()
+    teacher: tuple[int, ...] = ()
+
+    def __or__(self, other: FeatureStages) -> FeatureStages:
+        return FeatureStages(
+            tuple(sorted(set(self.student) | set(other.student))),
+            tuple(sorted(set(self.teacher) | set(other.teacher))),
+        )
+
+    def __bool__(self) -> bool:
+        return bool(self.student or self.teacher)
+
+
+@dataclass
+class Features:
+    """Intermediate feature maps of one batch, by stage index, as the training step computed them."""
+
+    student: dict[int, torch.Tensor] = field(default_factory=dict)
+    teacher: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 class DistillationLoss(nn.Module):
     """Base class: subclasses return their weighted terms by name; the loss is their sum.
 
-    After each call ``last_terms`` holds the detached terms, so the training step logs every one
-    as ``train/loss/<term>``.
+    ``loss(student_logits, teacher_logits, target)`` with ``target`` either class indices (N,) or
+    per-class probabilities (N, C) when mixup/cutmix mixed the labels. After each call ``last_terms``
+    holds the detached terms, so the training step logs every one as ``train/loss/<term>``.
+
+    The module calls three hooks on every loss, so no loss needs a special case in the module:
+    ``bind`` once before training (build parts sized by the models), ``start_epoch`` at the start of
+    every training epoch (follow training progress), ``feature_stages`` (intermediate features to
+    compute for ``compute_terms``). The defaults do nothing.
     """
 
     #: False for label-only losses: the training step then skips the teacher's forward pass.
@@ -18,14 +57,42 @@ class DistillationLoss(nn.Module):
         super().__init__()
         self.last_terms: dict[str, torch.Tensor] = {}
 
+    def bind(self, student: Classifier, teacher: FrozenTeacher | None) -> None:
+        """Called once by the module before training, with the models this loss will compare."""
+
+    def start_epoch(self, epoch: int) -> None:
+        """Called by the module at the start of every training epoch (0-based)."""
+
+    def feature_stages(self) -> FeatureStages:
+        return FeatureStages()
+
     def terms(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, target: torch.Tensor
     ) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
+    def compute_terms(
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor | None,
+        target: torch.Tensor,
+        features: Features,
+    ) -> dict[str, torch.Tensor]:
+        """Logit losses implement ``terms``; losses that read intermediate features override this."""
+        return self.terms(student_logits, teacher_logits, target)
+
     def forward(
-        self, student_logits: torch.Tensor, teacher_logits: torch.Tensor | None, target: torch.Tensor
+        self,
+        student_logits: torch.Tensor,
+        teacher_logits: torch.Tensor | None,
+        target: torch.Tensor,
+        features: Features | None = None,
     ) -> torch.Tensor:
-        terms = self.terms(student_logits, teacher_logits, target)
+        # The teacher is a fixed target: whatever produced its outputs, no gradient may flow back into it.
+        if teacher_logits is not None:
+            teacher_logits = teacher_logits.detach()
+        features = features or Features()
+        features = Features(features.student, {k: v.detach() for k, v in features.teacher.items()})
+        terms = self.compute_terms(student_logits, teacher_logits, target, features)
         self.last_terms = {name: value.detach() for name, value in terms.items()}
         return torch.stack(list(terms.values())).sum()

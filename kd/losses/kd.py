@@ -4,6 +4,7 @@ import torch.nn.functional as F
 
 from kd.errors import KdError
 from kd.losses.base import DistillationLoss
+from kd.losses.labels import check_label_smoothing, label_cross_entropy
 
 
 class HintonKD(DistillationLoss):
@@ -13,7 +14,7 @@ class HintonKD(DistillationLoss):
     The T^2 factor keeps the soft-target gradients at the same scale whatever T is.
     """
 
-    def __init__(self, temperature: float = 4.0, alpha: float = 0.0) -> None:
+    def __init__(self, temperature: float = 4.0, alpha: float = 0.0, label_smoothing: float = 0.0) -> None:
         super().__init__()
         if temperature <= 0:
             raise KdError(f"loss.temperature={temperature} must be positive; 4 is the usual choice")
@@ -21,6 +22,7 @@ class HintonKD(DistillationLoss):
             raise KdError(f"loss.alpha={alpha} must lie in [0, 1]; it weights the label term")
         self.temperature = temperature
         self.alpha = alpha
+        self.label_smoothing = check_label_smoothing(label_smoothing)
 
     def terms(self, student_logits, teacher_logits, target):
         t = self.temperature
@@ -29,5 +31,5 @@ class HintonKD(DistillationLoss):
         kl = F.kl_div(log_student, log_teacher, reduction="batchmean", log_target=True)
         terms = {"kd": (1.0 - self.alpha) * t * t * kl}
         if self.alpha > 0:
-            terms["ce"] = self.alpha * F.cross_entropy(student_logits.float(), target)
+            terms["ce"] = self.alpha * label_cross_entropy(student_logits, target, self.label_smoothing)
         return terms

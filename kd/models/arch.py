@@ -1,4 +1,8 @@
-"""Architectures: a recipe that builds a network for a class count, and knows its preprocessing."""
+"""Architectures: a recipe that builds a network for a class count, and knows its preprocessing.
+
+Each backend (timm, torchvision, our own small networks) also knows which published weights it can
+fetch by name, so ``weights=<name>`` needs no if/else on the backend anywhere else.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +10,42 @@ from collections.abc import Callable
 from typing import Protocol
 
 import timm
+import torch
 from torch import nn
 
+from kd.errors import KdError
 from kd.models.classifier import Preprocessing
+
+PRETRAINED = "pretrained"  # weights=pretrained: the backend's default weights for the architecture
 
 
 class Arch(Protocol):
+    backend: str  # "timm", "torchvision" or "kd"
+
+    @property
+    def id(self) -> str:
+        """The backend's name for the architecture (with any argument that changes it)."""
+        ...
+
+    @property
+    def num_classes(self) -> int:
+        """The class count its published weights (or recipe) have."""
+        ...
+
     def build(self, num_classes: int) -> nn.Module: ...
 
     def preprocessing(self) -> Preprocessing: ...
 
     def classifier_prefixes(self, net: nn.Module) -> tuple[str, ...]:
         """State-dict key prefixes of the final classifier (replaced when the class count differs)."""
+        ...
+
+    def weight_names(self) -> list[str]:
+        """Published weights ``weights=`` accepts by name, default first."""
+        ...
+
+    def pretrained_state(self, name: str) -> tuple[dict[str, torch.Tensor], Preprocessing]:
+        """Published weights by name (``pretrained`` = the default) and the preprocessing they were trained with."""
         ...
 
 
@@ -27,12 +55,30 @@ def last_linear_prefix(net: nn.Module) -> tuple[str, ...]:
 
 
 class TimmArch:
-    """Any timm model, by its timm name (``resnet50d`` is PaddleClas's ResNet50_vd)."""
+    """Any timm model, by its timm name (``resnet50d`` is PaddleClas's ResNet50_vd).
 
-    def __init__(self, model_name: str, in_chans: int = 3, **kwargs) -> None:
+    Extra keyword arguments go to the timm builder and may change the architecture
+    (``layers=[3, 12, 48, 3]``); timm's published weights then no longer apply. ``data_config``
+    overrides entries of timm's ``pretrained_cfg`` (``input_size``, ``interpolation``, ``crop_pct``,
+    ``mean``, ``std``) for a model whose weights come from elsewhere.
+    """
+
+    backend = "timm"
+
+    def __init__(self, model_name: str, in_chans: int = 3, data_config: dict | None = None, **kwargs) -> None:
         self.model_name = model_name
         self.in_chans = in_chans
+        self.data_config = dict(data_config or {})
         self.kwargs = kwargs
+
+    @property
+    def id(self) -> str:
+        arguments = ", ".join(f"{k}={list(v) if isinstance(v, tuple | list) else v}" for k, v in self.kwargs.items())
+        return f"{self.model_name}({arguments})" if arguments else self.model_name
+
+    @property
+    def num_classes(self) -> int:
+        return timm.models.get_pretrained_cfg(self.model_name).num_classes or 1000
 
     def build(self, num_classes: int) -> nn.Module:
         return timm.create_model(
@@ -40,7 +86,7 @@ class TimmArch:
         )
 
     def preprocessing(self, pretrained_cfg: dict | None = None) -> Preprocessing:
-        cfg = pretrained_cfg or timm.models.get_pretrained_cfg(self.model_name).to_dict()
+        cfg = pretrained_cfg or {**timm.models.get_pretrained_cfg(self.model_name).to_dict(), **self.data_config}
         _, height, width = cfg["input_size"]
         return Preprocessing(
             mean=tuple(cfg["mean"])[: self.in_chans] if self.in_chans != 3 else tuple(cfg["mean"]),
@@ -55,9 +101,99 @@ class TimmArch:
         names = name if isinstance(name, list | tuple) else [name] if name else []
         return tuple(n + "." for n in names) or last_linear_prefix(net)
 
+    def weight_names(self) -> list[str]:
+        if self.kwargs:
+            return []
+        tags = timm.list_pretrained(f"{self.model_name}.*")
+        default = f"{self.model_name}.{timm.models.get_pretrained_cfg(self.model_name).tag}"
+        return sorted(tags, key=lambda tag: tag != default)
+
+    def pretrained_state(self, name: str) -> tuple[dict[str, torch.Tensor], Preprocessing]:
+        from kd.teachers.weights import timm_pretrained_state
+
+        if self.kwargs:
+            raise KdError(
+                f"timm has no published weights for {self.id} (its arguments change the architecture); "
+                "pass a local weights file"
+            )
+        tag = self.model_name if name == PRETRAINED else name
+        if tag.split(".")[0] != self.model_name:
+            raise KdError(
+                f"weights '{name}' are for timm architecture '{tag.split('.')[0]}', not {self.model_name}; "
+                f"pick one of timm.list_pretrained('{self.model_name}.*')"
+            )
+        state, pretrained_cfg = timm_pretrained_state(tag, self.in_chans)
+        return state, self.preprocessing(pretrained_cfg)
+
+
+class TorchvisionArch:
+    """A torchvision classification model (for what timm lacks: alexnet, googlenet, shufflenet_v2_x1_0)."""
+
+    backend = "torchvision"
+
+    def __init__(self, model_name: str, **kwargs) -> None:
+        import torchvision
+
+        if model_name not in torchvision.models.list_models(module=torchvision.models):
+            raise KdError(f"'{model_name}' is not a torchvision classification model; see torchvision.models")
+        self.model_name = model_name
+        self.kwargs = kwargs
+
+    @property
+    def id(self) -> str:
+        return self.model_name
+
+    def _weights_enum(self):
+        import torchvision
+
+        return torchvision.models.get_model_weights(self.model_name)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self._weights_enum().DEFAULT.meta["categories"])
+
+    def build(self, num_classes: int) -> nn.Module:
+        import torchvision
+
+        return torchvision.models.get_model(self.model_name, weights=None, num_classes=num_classes, **self.kwargs)
+
+    def preprocessing(self, weights=None) -> Preprocessing:
+        transform = (weights or self._weights_enum().DEFAULT).transforms()
+        return Preprocessing(
+            mean=tuple(transform.mean),
+            std=tuple(transform.std),
+            input_size=(3, transform.crop_size[0], transform.crop_size[0]),
+            interpolation=transform.interpolation.value,
+            crop_pct=transform.crop_size[0] / transform.resize_size[0],
+        )
+
+    def classifier_prefixes(self, net: nn.Module) -> tuple[str, ...]:
+        return last_linear_prefix(net)
+
+    def weight_names(self) -> list[str]:
+        enum = self._weights_enum()
+        return sorted((w.name for w in enum), key=lambda name: name != enum.DEFAULT.name)
+
+    def pretrained_state(self, name: str) -> tuple[dict[str, torch.Tensor], Preprocessing]:
+        from kd.teachers.weights import torchvision_pretrained_state
+
+        enum = self._weights_enum()
+        short = name.split(".")[-1]  # AlexNet_Weights.IMAGENET1K_V1 or IMAGENET1K_V1
+        if name != PRETRAINED and short not in enum.__members__:
+            raise KdError(
+                f"'{name}' is not a torchvision weights name of {self.model_name}; "
+                f"use one of {', '.join(self.weight_names())}"
+            )
+        weights = enum.DEFAULT if name == PRETRAINED else enum[short]
+        # Built by torchvision's own builder, which sets what the weights need (googlenet: transform_input)
+        # and drops what they lack; a yaml's kwargs must build the same network.
+        return torchvision_pretrained_state(self.model_name, weights), self.preprocessing(weights)
+
 
 class ModuleArch:
-    """A network class of our own (the small digits networks), with its preprocessing stated in config."""
+    """A network class of our own (the digits and CIFAR networks), with its preprocessing stated in config."""
+
+    backend = "kd"
 
     def __init__(
         self,
@@ -67,8 +203,10 @@ class ModuleArch:
         input_size: list[int],
         interpolation: str = "bilinear",
         crop_pct: float = 1.0,
+        num_classes: int = 10,
     ) -> None:
         self.net = net
+        self._num_classes = num_classes
         self._preprocessing = Preprocessing(
             mean=tuple(mean),
             std=tuple(std),
@@ -76,6 +214,16 @@ class ModuleArch:
             interpolation=interpolation,
             crop_pct=crop_pct,
         )
+
+    @property
+    def id(self) -> str:
+        func = getattr(self.net, "func", self.net)
+        arguments = ", ".join(f"{k}={v}" for k, v in getattr(self.net, "keywords", {}).items())
+        return f"{func.__module__.removeprefix('kd.models.')}.{func.__qualname__}({arguments})"
+
+    @property
+    def num_classes(self) -> int:
+        return self._num_classes
 
     def build(self, num_classes: int) -> nn.Module:
         return self.net(num_classes=num_classes, in_chans=self._preprocessing.in_chans)
@@ -85,3 +233,12 @@ class ModuleArch:
 
     def classifier_prefixes(self, net: nn.Module) -> tuple[str, ...]:
         return last_linear_prefix(net)
+
+    def weight_names(self) -> list[str]:
+        return []
+
+    def pretrained_state(self, name: str) -> tuple[dict[str, torch.Tensor], Preprocessing]:
+        raise KdError(
+            f"{self.id} has no published weights named '{name}'; pass weights=auto (train once and cache), "
+            "a local weights file, or none"
+        )

@@ -40,7 +40,29 @@ class Classifier(nn.Module):
         self.register_buffer("mean", torch.tensor(preprocessing.mean).view(shape), persistent=False)
         self.register_buffer("std", torch.tensor(preprocessing.std).view(shape), persistent=False)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[1] == 1 and self.preprocessing.in_chans == 3:
             images = images.expand(-1, 3, -1, -1)  # grayscale data into an RGB network
-        return self.net((images - self.mean) / self.std)
+        return (images - self.mean) / self.std
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.net(self.normalize(images))
+
+    def feature_info(self) -> list[dict]:
+        """The network's stages (timm's ``feature_info``: ``num_chs``, ``reduction``, ``module`` per stage);
+        empty when the network does not expose intermediate features."""
+        info = getattr(self.net, "feature_info", None)
+        has_api = callable(getattr(self.net, "forward_intermediates", None)) and callable(
+            getattr(self.net, "forward_head", None)
+        )
+        return list(info) if info is not None and has_api else []
+
+    def forward_with_features(
+        self, images: torch.Tensor, stages: tuple[int, ...] = ()
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Logits, and the feature maps of ``stages`` (indices into ``feature_info``, already non-negative)
+        from the same forward pass (timm's ``forward_intermediates`` then ``forward_head``)."""
+        if not stages:
+            return self(images), {}
+        final, intermediates = self.net.forward_intermediates(self.normalize(images), indices=sorted(stages))
+        return self.net.forward_head(final), dict(zip(sorted(stages), intermediates, strict=True))

@@ -1,1 +1,1 @@
-"""Tasks, chosen by ``task=``: distill (default), train, eval. Each takes the composed config."""
+"""Tasks, chosen by ``task=``: distill (default), train, eval, predict, export. Each takes the composed config."""

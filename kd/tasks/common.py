@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from kd.errors import KdError
 from kd.io import write_json_atomic
 from kd.models import Classifier
 from kd.models.build import ObtainWeights, build_classifier
+from kd.optim import OptimizerRecipe
 from kd.teachers import FrozenTeacher
 
 log = logging.getLogger("kd")
@@ -66,13 +66,19 @@ def build_data(cfg: DictConfig, student_cfg: DictConfig) -> ClassificationData:
     if data_cfg.get("batch_size", 1) < 1:
         raise KdError(f"data.batch_size={data_cfg.batch_size} must be at least 1")
     data = instantiate(data_cfg, **overrides)
-    data.seed = int(cfg.seed)  # decides the training order and every random view (kd.data.views)
     data.prepare_data()
     data.setup("fit")
     return data
 
 
+def has_teacher(cfg: DictConfig) -> bool:
+    """False when the run was told to go without one (``~teacher`` on the command line)."""
+    return cfg.get("teacher") is not None and cfg.teacher.get("arch") is not None
+
+
 def build_teacher(cfg: DictConfig, num_classes: int, obtain_auto: ObtainWeights | None) -> FrozenTeacher:
+    if not has_teacher(cfg):
+        raise KdError("this task needs a teacher but ~teacher removed it; choose one with teacher=NAME")
     model = build_classifier(cfg.teacher, num_classes, "teacher", obtain_auto)
     return FrozenTeacher(
         model,
@@ -86,10 +92,34 @@ def build_student(cfg: DictConfig, num_classes: int, obtain_auto: ObtainWeights 
     return build_classifier(cfg.student, num_classes, "student", obtain_auto)
 
 
-def optimizer_factory(cfg: DictConfig) -> partial:
+def build_models(
+    cfg: DictConfig, num_classes: int, obtain_auto: ObtainWeights | None, with_teacher: bool
+) -> tuple[FrozenTeacher | None, Classifier]:
+    """Models whose weights are given (a file, a tag, none) are loaded first, so a bad file stops the run
+    before ``weights: auto`` spends minutes training the other model."""
+    roles = ("teacher", "student") if with_teacher else ("student",)
+    built: dict[str, Any] = {}
+    for role in sorted(roles, key=lambda r: str(cfg[r].get("weights")) == "auto"):
+        build = build_teacher if role == "teacher" else build_student
+        built[role] = build(cfg, num_classes, obtain_auto)
+    teacher = built.get("teacher")
+    if teacher is not None and str(cfg.teacher.get("weights")) in ("None", "", "none", "null"):
+        log.warning(
+            "teacher %s has no weights (teacher.weights=none): a random teacher has nothing to teach, "
+            "which only makes sense for smoke tests and benchmarks",
+            cfg.teacher.get("name"),
+        )
+    return teacher, built["student"]
+
+
+def optimizer_factory(cfg: DictConfig) -> OptimizerRecipe:
     if cfg.optim.lr <= 0:
         raise KdError(f"optim.lr={cfg.optim.lr} must be positive")
-    return instantiate(cfg.optim)
+    settings = OmegaConf.to_container(cfg.optim, resolve=True)
+    # kd's own Bag of Tricks keys (see conf/optim/sgd.yaml); the rest is the torch optimizer's.
+    no_bias_decay = bool(settings.pop("no_bias_decay", False))
+    lr_batch_size = settings.pop("lr_batch_size", None)
+    return OptimizerRecipe(instantiate(settings), no_bias_decay=no_bias_decay, lr_batch_size=lr_batch_size)
 
 
 def build_trainer(cfg: DictConfig, out: Path, extra_callbacks: list[L.Callback] = ()) -> L.Trainer:
@@ -98,6 +128,8 @@ def build_trainer(cfg: DictConfig, out: Path, extra_callbacks: list[L.Callback] 
     if trainer_cfg.get("enable_progress_bar") is None:
         trainer_cfg["enable_progress_bar"] = interactive
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    for logger in loggers:  # the whole resolved config, so every dashboard run says how it was made
+        logger.log_hyperparams(resolved_config(cfg))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
     if not loggers:  # logger=none: nothing to record the LR to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
@@ -106,6 +138,11 @@ def build_trainer(cfg: DictConfig, out: Path, extra_callbacks: list[L.Callback] 
     return instantiate(
         trainer_cfg, default_root_dir=str(out), callbacks=callbacks + list(extra_callbacks), logger=loggers or False
     )
+
+
+def resolved_config(cfg: DictConfig) -> dict[str, Any]:
+    run_keys = [key for key in cfg if key != "hydra"]  # hydra's own node is there only in composed tests
+    return OmegaConf.to_container(OmegaConf.masked_copy(cfg, run_keys), resolve=True)
 
 
 def validate(trainer: L.Trainer, module: L.LightningModule, data: ClassificationData) -> dict[str, float]:
@@ -117,12 +154,14 @@ def write_results(out: Path, cfg: DictConfig, task: str, **extra: Any) -> Path:
     chosen = choices(cfg)
     results = {
         "task": task,
-        **({"teacher": chosen.get("teacher")} if task != "train" else {}),
+        **({"teacher": chosen.get("teacher")} if task in ("distill", "eval") else {}),
         "student": chosen.get("student"),
-        "loss": chosen.get("loss"),
+        **({"loss": chosen.get("loss")} if task in ("distill", "train") else {}),
         "data": chosen.get("data"),
         "seed": cfg.seed,
         **extra,
         "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
     }
-    return write_json_atomic(out / "results.json", results)
+    path = write_json_atomic(out / "results.json", results)
+    log.info("results written to %s", path)
+    return path

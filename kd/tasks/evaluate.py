@@ -1,32 +1,59 @@
-"""``task=eval``: measure a student (and, when one is configured, its teacher) on the validation split."""
+"""``task=eval``: measure a student (and, unless ``~teacher``, its teacher) on the validation split.
+
+Reports top-1, top-5 and expected calibration error for each, and the teacher-student agreement.
+"""
 
 from __future__ import annotations
 
+import logging
 import time
 
+import lightning as L
 from omegaconf import DictConfig
 
 from kd.losses import LabelCrossEntropy
 from kd.module import DistillationModule
-from kd.report import print_summary
-from kd.tasks.common import build_data, build_student, build_teacher, build_trainer, output_dir, validate, write_results
-from kd.tasks.pretrain import PretrainedCache
+from kd.report import EVAL_ROWS, print_summary
+from kd.tasks.common import build_data, build_teacher, build_trainer, has_teacher, output_dir, validate, write_results
+from kd.tasks.trained import pretrained_cache, trained_student
+
+log = logging.getLogger("kd")
 
 
 def evaluate(cfg: DictConfig) -> dict:
     start = time.perf_counter()
+    L.seed_everything(cfg.seed, verbose=False)  # models with weights=none start from this seed
     out = output_dir(cfg)
     data = build_data(cfg, cfg.student)
-    obtain_auto = PretrainedCache(cfg.paths.cache_dir, cfg.data, data, cfg.trainer.get("accelerator", "auto"))
-    teacher = build_teacher(cfg, data.num_classes, obtain_auto) if cfg.get("teacher") else None
-    student = build_student(cfg, data.num_classes, obtain_auto)
+    # The teacher first, as in distillation (kd.tasks.common.build_models): models with weights=none then get
+    # the same random initialization as in a distillation run of the same seed.
+    teacher = build_teacher(cfg, data.num_classes, pretrained_cache(cfg, data)) if has_teacher(cfg) else None
+    student, card = trained_student(cfg, data)
+    extra = {}
+    if teacher is not None:
+        extra["teacher_fingerprint"] = teacher.start_fingerprint
+        distilled_from = card.extra.get("teacher_fingerprint")
+        if distilled_from and distilled_from != teacher.start_fingerprint:
+            log.warning(
+                "the student was distilled from another teacher (fingerprint %s) than this one (%s); "
+                "agreement is measured against this one",
+                distilled_from[:12],
+                teacher.start_fingerprint[:12],
+            )
     module = DistillationModule(
         student, LabelCrossEntropy(), optimizer=None, scheduler=None, num_classes=data.num_classes, teacher=teacher
     )
     trainer = build_trainer(cfg, out)
     metrics = validate(trainer, module, data)
-    results = {"metrics": metrics, "wall_time_s": round(time.perf_counter() - start, 3), "output_dir": str(out)}
+    results = {
+        "metrics": metrics,
+        "weights": str(cfg.student.get("weights")),
+        **extra,
+        "wall_time_s": round(time.perf_counter() - start, 3),
+        "world_size": trainer.world_size,
+        "output_dir": str(out),
+    }
     if trainer.is_global_zero:
         write_results(out, cfg, "eval", **results)
-        print_summary("eval", metrics)
+        print_summary("eval", metrics, EVAL_ROWS)
     return results

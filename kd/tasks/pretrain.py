@@ -19,11 +19,12 @@ import torch
 from filelock import FileLock
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import save_file
 
+from kd.card import card_for
 from kd.data import ClassificationData
 from kd.errors import KdError
-from kd.io import write_atomic, write_json_atomic
+from kd.export import write_safetensors
+from kd.io import write_json_atomic
 from kd.losses import LabelCrossEntropy
 from kd.models import Classifier
 from kd.module import DistillationModule
@@ -83,11 +84,8 @@ class PretrainedCache:
     def train(self, model_cfg: DictConfig, path: Path) -> tuple[float, float]:
         recipe = model_cfg.pretrain
         start = time.perf_counter()
-        run_seed = self.data.seed
         with torch.random.fork_rng():  # the run's own seed stays untouched
             L.seed_everything(recipe.get("seed", 0), verbose=False)
-            # The cached weights depend on the recipe only: their views and order too, not the run's seed.
-            self.data.seed = recipe.get("seed", 0)
             arch = instantiate(model_cfg.arch)
             student = Classifier(arch.build(self.data.num_classes), arch.preprocessing())
             module = DistillationModule(
@@ -108,13 +106,9 @@ class PretrainedCache:
                 num_sanity_val_steps=0,
                 check_val_every_n_epoch=recipe.epochs,
             )  # validate once, at the end
-            try:
-                trainer.fit(module, datamodule=self.data)
-            finally:
-                self.data.seed = run_seed
+            trainer.fit(module, datamodule=self.data)
         top1, seconds = float(trainer.callback_metrics["student/top1"]), time.perf_counter() - start
-        state = {k: v.contiguous() for k, v in student.net.state_dict().items()}
-        write_atomic(path, lambda tmp: save_file(state, str(tmp)))
+        write_safetensors(student, card_for(student, self.data, model=model_cfg.name), path)
         write_json_atomic(
             path.with_suffix(".json"),
             {

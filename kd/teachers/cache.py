@@ -1,6 +1,6 @@
 """Teacher-output cache: the teacher's logits for every training view (epoch, sample), computed once.
 
-Views are seeded by (seed, epoch, sample index) (``kd.data.views``), so the view of sample i in
+Views are seeded by (seed, epoch, sample index) (``kd.data.sampling``), so the view of sample i in
 epoch e is the same in every run with the same data, transform and seed, whatever the loss or the
 student. The cache stores, per view, the teacher's top-k logits in float16 and is shared by every
 run whose manifest matches: a sweep over losses runs the teacher once.
@@ -205,8 +205,10 @@ class TeacherOutputStore:
         for path in self.folder.glob("epoch-*.npy"):
             path.unlink()
 
-    def ensure(self, epochs: Iterable[int], fill: EpochFiller) -> list[int]:
+    def ensure(self, epochs: Iterable[int], fill: EpochFiller, every_sample: bool = True) -> list[int]:
         """Makes every epoch in ``epochs`` available, writing the missing ones; returns those written.
+        ``every_sample``: the filler writes every sample of an epoch (with mixup, only those a training batch
+        holds: the samples a short last batch would get are never trained on and stay unset).
 
         A file lock beside the folder makes parallel sweep jobs (or DDP ranks) write each epoch once:
         the first one writes, the others wait and then read.
@@ -219,7 +221,7 @@ class TeacherOutputStore:
             missing = sorted(set(epochs) - complete)
             for epoch in missing:
                 start = time.perf_counter()
-                write_atomic(self.epoch_path(epoch), lambda tmp, e=epoch: self._write_epoch(tmp, e, fill))
+                write_atomic(self.epoch_path(epoch), lambda tmp, e=epoch: self._write_epoch(tmp, e, fill, every_sample))
                 complete.add(epoch)
                 self._write_manifest(complete)
                 self._epochs[epoch] = self._open_epoch(epoch)
@@ -232,8 +234,9 @@ class TeacherOutputStore:
                 )
         return missing
 
-    def _write_epoch(self, tmp: Path, epoch: int, fill: EpochFiller) -> None:
+    def _write_epoch(self, tmp: Path, epoch: int, fill: EpochFiller, every_sample: bool) -> None:
         records = np.lib.format.open_memmap(tmp, mode="w+", dtype=self.dtype, shape=(self.num_samples,))
+        records["max"] = np.nan  # marks a record no batch wrote; a lookup of one is a kd bug, see _records
         written = np.zeros(self.num_samples, dtype=bool)
 
         def write(indices: np.ndarray, logits: torch.Tensor) -> None:
@@ -246,26 +249,34 @@ class TeacherOutputStore:
             written[indices] = True
 
         fill(epoch, write)
-        if not written.all():
+        if every_sample and not written.all():
             raise RuntimeError(f"epoch {epoch}: {int((~written).sum())} samples were never written")  # a kd bug
         records.flush()
 
     def lookup(self, view_ids: torch.Tensor, device: torch.device | str = "cpu") -> torch.Tensor:
-        """Full teacher logits for a batch's ``view_ids`` ((batch, 2): epoch, sample index)."""
+        """Full teacher logits for a batch's ``view_ids`` ((batch, 2): sample index, epoch)."""
         ids = view_ids.cpu().numpy()
-        epochs = ids[:, 0]
+        indices, epochs = ids[:, 0], ids[:, 1]
         if (epochs == epochs[0]).all():  # the usual case: a batch comes from one epoch
-            records = self._records(int(epochs[0]))[ids[:, 1]]
+            records = self._records(int(epochs[0]))[indices]
         else:
             records = np.empty(len(ids), dtype=self.dtype)
             for epoch in np.unique(epochs):
                 rows = epochs == epoch
-                records[rows] = self._records(int(epoch))[ids[rows, 1]]
+                records[rows] = self._records(int(epoch))[indices[rows]]
+        if np.isnan(records["max"]).any():  # cheap, and it would otherwise train on garbage
+            missing = indices[np.isnan(records["max"])][:4].tolist()
+            raise RuntimeError(f"teacher outputs: samples {missing} of this batch were never stored")  # a kd bug
         return decode(records, self.num_classes, device)
 
     def _records(self, epoch: int) -> np.ndarray:
         records = self._epochs.get(epoch)
         if records is None:
+            if epoch < 0:
+                raise KdError(
+                    "this training batch was loaded without seeded views (a sampler replaced by Lightning, e.g. "
+                    "trainer.overfit_batches), so teacher.cache cannot look it up; use teacher.cache=null"
+                )
             raise KdError(
                 f"the teacher-output cache {self.folder} has no epoch {epoch} (it has {sorted(self._epochs)}); "
                 "fill it with task=cache_teacher task.epochs=N or start the run again"
@@ -276,8 +287,9 @@ class TeacherOutputStore:
 class CachedTeacher(nn.Module):
     """A frozen teacher whose training outputs come from a ``TeacherOutputStore``.
 
-    ``teacher(images, view_ids)`` (the training step) reads the stored logits of those views and never
-    runs the network; ``teacher(images)`` (validation) runs the real teacher.
+    ``lookup(view_ids)`` (the training step) reads the stored logits of those views and never runs the
+    network; ``teacher(images)`` (validation, evaluation) runs the real teacher. Stored are logits only:
+    feature losses are refused with a cache (``kd.checks.check_teacher_cache``).
     """
 
     def __init__(self, teacher: FrozenTeacher, store: TeacherOutputStore) -> None:
@@ -293,10 +305,20 @@ class CachedTeacher(nn.Module):
     def preprocessing(self):
         return self.teacher.preprocessing
 
+    def feature_info(self) -> list[dict]:
+        return self.teacher.feature_info()
+
     def check_unchanged(self) -> str:
         return self.teacher.check_unchanged()
 
-    def forward(self, images: torch.Tensor, view_ids: torch.Tensor | None = None) -> torch.Tensor:
-        if view_ids is None:
-            return self.teacher(images)
-        return self.store.lookup(view_ids, images.device)
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.teacher(images)
+
+    def forward_with_features(
+        self, images: torch.Tensor, stages: tuple[int, ...] = ()
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        return self.teacher.forward_with_features(images, stages)
+
+    def lookup(self, view_ids: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+        """The stored logits of the training views ``view_ids`` ((batch, 2): sample index, epoch)."""
+        return self.store.lookup(view_ids, device)

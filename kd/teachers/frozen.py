@@ -45,7 +45,8 @@ class FrozenTeacher(nn.Module):
         self.train(False)
         self.start_fingerprint = fingerprint(self)
         # Kept out of the module tree so state_dict() and the fingerprint see the weights only once.
-        self.__dict__["run_model"] = torch.compile(self.model) if compile else self.model
+        run = self.model.forward_with_features
+        self.__dict__["run_model"] = torch.compile(run) if compile else run
 
     @property
     def preprocessing(self):
@@ -61,8 +62,16 @@ class FrozenTeacher(nn.Module):
                     module.track_running_stats = False
         return self
 
-    def forward(self, images: torch.Tensor, view_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits for ``images``; ``view_ids`` (which views these are) matter only to a cached teacher."""
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_with_features(images)[0]
+
+    def feature_info(self) -> list[dict]:
+        return self.model.feature_info()
+
+    def forward_with_features(
+        self, images: torch.Tensor, stages: tuple[int, ...] = ()
+    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        """Logits and, for feature losses, the feature maps of ``stages``: one pass, same frozen regime."""
         weight = next(self.model.parameters())
         if weight.device != images.device:
             self.to(images.device)
@@ -71,9 +80,9 @@ class FrozenTeacher(nn.Module):
         if self.channels_last and images.dim() == 4:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
-            logits = self.run_model(images)
-        # A normal tensor (not an inference tensor), so losses can save it for the student's backward.
-        return logits.clone()
+            logits, features = self.run_model(images, stages)
+        # Normal tensors (not inference tensors), so losses can save them for the student's backward.
+        return logits.clone(), {stage: feature.clone() for stage, feature in features.items()}
 
     def check_unchanged(self) -> str:
         end = fingerprint(self)

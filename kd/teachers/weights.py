@@ -1,4 +1,4 @@
-"""Weight sources: a timm tag, a local file (.pth/.pt/.ckpt/.safetensors), or none.
+"""Weight sources: a timm tag, a torchvision weights name, a local file, a PaddleClas .pdparams, or none.
 
 Loading is strict: every key must match in name and shape, except the final classifier when the
 dataset has another number of classes; that one is re-initialized and the caller is told.
@@ -6,8 +6,11 @@ dataset has another number of classes; that one is re-initialized and the caller
 
 from __future__ import annotations
 
+import json
 import logging
 import pickle
+import re
+import struct
 import zipfile
 from pathlib import Path
 
@@ -15,10 +18,12 @@ import torch
 from torch import nn
 
 from kd.errors import KdError
+from kd.models.classifier import Preprocessing
 
 log = logging.getLogger(__name__)
 
-LOCAL_SUFFIXES = (".pth", ".pt", ".ckpt", ".safetensors")
+TORCH_SUFFIXES = (".pth", ".pt", ".ckpt")
+LOCAL_SUFFIXES = (*TORCH_SUFFIXES, ".safetensors", ".pdparams")
 NO_WEIGHTS = (None, "", "none", "null")
 
 
@@ -26,33 +31,99 @@ def is_local_file(source: str) -> bool:
     return source.endswith(LOCAL_SUFFIXES) or "/" in source or source.startswith(".")
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read the network weights from a file, taking the student's out of a kd/Lightning checkpoint."""
+def read_weights_file(path: str | Path, net: nn.Module) -> tuple[dict[str, torch.Tensor], Preprocessing | None]:
+    """A local weights file as a state dict for ``net``, and the preprocessing it implies (if it fixes one)."""
     path = Path(path).expanduser()
+    check_exists(path)
+    if path.suffix == ".pdparams":
+        from timm.models.resnet import ResNet
+
+        from kd.teachers import paddle
+
+        if not isinstance(net, ResNet):
+            raise KdError(
+                f"weights file {path} is PaddleClas weights, which kd maps onto ResNets only, not a "
+                f"{type(net).__name__}; use {', '.join(paddle.ZOO_NAMES)}"
+            )
+        state, _ = paddle.read_paddle_weights(path, set(net.state_dict()))
+        return state, paddle.PADDLECLAS_PREPROCESSING
+    return read_state_dict(path), None
+
+
+def check_exists(path: Path) -> None:
     if not path.is_file():
         raise KdError(f"weights file {path} does not exist; pass an existing file or a timm tag")
     if path.stat().st_size == 0:
         raise KdError(f"weights file {path} is empty; pass a complete weights file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
 
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, OSError, EOFError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as error:
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read the network weights from a file, taking the student's out of a kd/Lightning checkpoint."""
+    path = Path(path).expanduser()
+    check_exists(path)
+    if path.suffix == ".safetensors":
+        check_safetensors(path)
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except Exception as error:  # safetensors raises its own SafetensorError for any damage
+            raise KdError(f"weights file {path} is corrupt ({str(error)[:120]}); copy or save it again") from None
+    check_torch_file(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if found := re.search(r"Unsupported global: GLOBAL (\S+)", str(error)):
+            raise KdError(
+                f"weights file {path} holds Python objects besides tensors ({found[1]}: a whole pickled model?); "
+                "save model.state_dict() instead"
+            ) from None
         raise KdError(
-            f"weights file {path} cannot be read ({type(error).__name__}); it is truncated or "
-            "not a weights file, so pass a .pth/.pt/.ckpt/.safetensors file saved by torch"
+            f"weights file {path} is corrupt (not a readable torch.save pickle); copy or save it again"
+        ) from None
+    except Exception as error:  # garbage makes torch's unpickler fail in many ways (IndexError, RuntimeError, ...)
+        first_line = (str(error).splitlines() or [""])[0][:120]
+        raise KdError(
+            f"weights file {path} is corrupt ({type(error).__name__}: {first_line}); copy or save it again"
         ) from None
     return unwrap_state_dict(state, path)
+
+
+def check_safetensors(path: Path) -> None:
+    """A safetensors file is an 8-byte header length, a JSON header, then the data it describes."""
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        header_size = struct.unpack("<Q", head)[0] if len(head) == 8 else None
+        if header_size is None or header_size > 100_000_000:
+            raise KdError(f"weights file {path} is not a safetensors file (no valid header); pass a .safetensors file")
+        if size < 8 + header_size:
+            raise KdError(
+                f"weights file {path} is truncated ({size} bytes, its header alone needs {8 + header_size}); "
+                "copy or save it again"
+            )
+        try:
+            header = json.loads(f.read(header_size))
+        except (ValueError, UnicodeDecodeError):
+            raise KdError(f"weights file {path} is corrupt (unreadable header); copy or save it again") from None
+    needed = 8 + header_size + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    if size < needed:
+        raise KdError(f"weights file {path} is truncated ({size} of {needed} bytes); copy or save it again")
+
+
+def check_torch_file(path: Path) -> None:
+    """torch.save writes a zip archive; one cut short has lost its central directory at the end."""
+    with path.open("rb") as f:
+        magic = f.read(4)
+    if magic == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        raise KdError(f"weights file {path} is truncated (a zip archive without its end record); copy or save it again")
 
 
 def unwrap_state_dict(state: object, path: Path) -> dict[str, torch.Tensor]:
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]  # Lightning checkpoint
     elif isinstance(state, dict) and isinstance(state.get("model"), dict):
-        state = state["model"]  # common training-script checkpoint
+        state = state["model"]  # common training-script checkpoint (CRD, mdistiller)
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise KdError(f"weights file {path} holds no state dict of tensors; save model.state_dict() instead")
     for prefix in ("student.net.", "net.", "module."):
@@ -82,7 +153,7 @@ def load_into(net: nn.Module, state: dict[str, torch.Tensor], classifier: tuple[
         for label, keys in (
             ("missing keys", missing),
             ("unexpected keys", unexpected),
-            ("shape mismatch in", mismatched),
+            ("shape mismatch in", [f"{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched]),
         )
         if keys
     ]
@@ -95,25 +166,37 @@ def load_into(net: nn.Module, state: dict[str, torch.Tensor], classifier: tuple[
     return replace_head
 
 
-def timm_pretrained_state(tag: str) -> tuple[dict[str, torch.Tensor], dict]:
+def download_failed(what: str, error: BaseException) -> KdError:
+    first_line = (str(error).splitlines() or [""])[0][:120]
+    return KdError(
+        f"{what} could not be downloaded ({type(error).__name__}: {first_line}); download them where a network "
+        "is available and pass the local file as weights=/path/to/file.safetensors"
+    )
+
+
+def timm_pretrained_state(tag: str, in_chans: int = 3) -> tuple[dict[str, torch.Tensor], dict]:
     """Download (or read from timm's cache) the pretrained weights named by a timm tag."""
     import timm
 
     try:
-        model = timm.create_model(tag, pretrained=True)
+        model = timm.create_model(tag, pretrained=True, in_chans=in_chans)
     except RuntimeError as error:
         if "Unknown model" in str(error) or "Invalid pretrained tag" in str(error):
             raise KdError(
                 f"'{tag}' is not a timm model or weights tag; see timm.list_pretrained() for valid tags"
             ) from None
-        raise KdError(
-            f"timm weights '{tag}' could not be downloaded ({error}); download them where a network is "
-            "available and pass the local file as weights=/path/to/file.safetensors"
-        ) from None
+        raise download_failed(f"timm weights '{tag}'", error) from None
     except (OSError, ConnectionError, ValueError) as error:
-        raise KdError(
-            f"timm weights '{tag}' could not be downloaded ({type(error).__name__}: "
-            f"{str(error).splitlines()[0][:120]}); download them where a network is available and "
-            "pass the local file as weights=/path/to/file.safetensors"
-        ) from None
+        raise download_failed(f"timm weights '{tag}'", error) from None
     return model.state_dict(), model.pretrained_cfg
+
+
+def torchvision_pretrained_state(model_name: str, weights) -> dict[str, torch.Tensor]:
+    """Download (or read from torch hub's cache) torchvision weights; the builder sets what they need."""
+    import torchvision
+
+    try:
+        model = torchvision.models.get_model(model_name, weights=weights)
+    except (OSError, RuntimeError, ValueError) as error:  # urllib's URLError is an OSError
+        raise download_failed(f"torchvision weights {model_name} {weights.name}", error) from None
+    return model.state_dict()

@@ -1,0 +1,134 @@
+"""Weights & Biases: the logger ``logger=wandb`` builds, and closing each job's run with its results.
+
+Offline unless an API key is configured (``WANDB_API_KEY``, ``wandb login``): the run folder is written
+under the job's output folder and ``wandb sync`` uploads it later. All jobs of a sweep share a group.
+"""
+
+from __future__ import annotations
+
+import netrc
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+if TYPE_CHECKING:
+    from lightning.pytorch.loggers import WandbLogger
+
+    from kd.summary import Summary
+
+# The config groups a run is tagged with, so dashboards can filter and group by them.
+TAGGED_CHOICES = ("teacher", "student", "loss", "data")
+
+
+def wandb_mode(offline: bool | None) -> str | None:
+    """``offline: null`` means offline unless an API key is configured; WANDB_MODE, when set, decides."""
+    if offline is not None:
+        return "offline" if offline else "online"
+    if os.environ.get("WANDB_MODE"):
+        return None  # wandb reads it itself (offline, online, disabled)
+    return "online" if api_key_configured() else "offline"
+
+
+def api_key_configured() -> bool:
+    """WANDB_API_KEY, or the netrc entry `wandb login` writes for the W&B host.
+
+    Read directly: ``wandb.login`` would start wandb's background service just to answer this.
+    """
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlsplit(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).netloc
+    path = os.environ.get("NETRC") or Path.home() / ".netrc"
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):
+        return False
+
+
+def sweep_group(sweep_dir: str | Path) -> str:
+    """A sweep's wandb group: its folder's last two parts (multirun/2025-01-31/12-00-00 -> 2025-01-31/12-00-00)."""
+    return "/".join(Path(sweep_dir).parts[-2:])
+
+
+def wandb_logger(
+    save_dir: str,
+    project: str = "kd",
+    group: str | None = None,
+    name: str | None = None,
+    tags: list[str] | None = None,
+    offline: bool | None = None,
+    **kwargs: Any,
+) -> WandbLogger:
+    """Lightning's WandbLogger with kd's defaults (see conf/logger/wandb.yaml)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    hydra = HydraConfig.get() if HydraConfig.initialized() else None
+    if hydra is not None:
+        if group is None and hydra.mode == RunMode.MULTIRUN:
+            group = sweep_group(hydra.sweep.dir)
+        if name is None:
+            name = hydra.job.override_dirname or None
+        if tags is None:
+            chosen = dict(hydra.runtime.choices)
+            roles = [r for r in TAGGED_CHOICES if not (r == "teacher" and chosen.get("task") == "train")]
+            tags = [f"{role}:{chosen[role]}" for role in roles if chosen.get(role)]
+    mode = wandb_mode(offline)
+    if mode == "online":
+        kwargs["mode"] = "online"
+    return WandbLogger(
+        save_dir=save_dir, project=project, group=group, name=name, tags=tags, offline=mode == "offline", **kwargs
+    )
+
+
+def finish_dashboards(results: dict[str, Any] | None) -> None:
+    """End this job's wandb run, with its final metrics as a table; ``results=None`` marks it failed.
+
+    wandb keeps one current run per process: without this, the next job of a sweep run by the same
+    process (Hydra's basic launcher) would log into this one.
+    """
+    wandb = sys.modules.get("wandb")
+    if wandb is None or wandb.run is None:
+        return
+    if results is not None:
+        metrics = results.get("metrics", {})
+        table = wandb.Table(columns=["metric", "value"], data=[[key, value] for key, value in metrics.items()])
+        wandb.run.log({"results": table})
+        wandb.run.summary.update({key: results[key] for key in ("wall_time_s", "train_images_per_s") if key in results})
+    wandb.finish(exit_code=0 if results is not None else 1)
+
+
+def number(cell: str) -> float | str:
+    try:
+        return float(cell)
+    except ValueError:
+        return cell
+
+
+def publish_sweep(summary: Summary, wandb_cfg: DictConfig) -> None:
+    """One more run in the sweep's group holding summary.csv as a table and summary.png."""
+    import csv
+
+    import wandb
+
+    with open(summary.folder / "summary.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    mode = wandb_mode(wandb_cfg.get("offline"))
+    run = wandb.init(
+        project=wandb_cfg.get("project", "kd"),
+        entity=wandb_cfg.get("entity"),
+        group=sweep_group(summary.folder),
+        name="summary",
+        job_type="summary",
+        dir=str(summary.folder),
+        **({"mode": mode} if mode else {}),
+    )
+    logged: dict[str, Any] = {"summary": wandb.Table(columns=rows[0], data=[[number(c) for c in r] for r in rows[1:]])}
+    if (summary.folder / "summary.png").is_file():
+        logged["summary_chart"] = wandb.Image(str(summary.folder / "summary.png"))
+    run.log(logged)
+    run.finish()

@@ -1,0 +1,76 @@
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from kd.errors import KdError
+from kd.losses.base import DistillationLoss
+from kd.losses.labels import check_label_smoothing, check_weight, hard_labels, label_cross_entropy
+
+
+def target_and_rest(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For logits (N, C) at some temperature: the log of the binary distribution [p_target, 1 - p_target]
+    (N, 2), and the log-softmax over the C - 1 non-target classes alone (N, C - 1).
+
+    Both come from log-sum-exps of the logits, never from ``log(1 - p)``, so they stay finite when a
+    probability rounds to 0 or 1.
+    """
+    is_target = F.one_hot(labels, logits.shape[1]).bool()
+    others = logits[~is_target].view(logits.shape[0], -1)
+    log_total = torch.logsumexp(logits, dim=1)
+    log_target = logits[is_target] - log_total
+    log_rest = torch.logsumexp(others, dim=1) - log_total
+    return torch.stack([log_target, log_rest], dim=1), F.log_softmax(others, dim=1)
+
+
+class DecoupledKD(DistillationLoss):
+    """Decoupled KD (Zhao et al., CVPR 2022): KD split into a target-class term and a non-target term,
+    ``ce_weight * CE + w(epoch) * T^2 * (alpha * TCKD + beta * NCKD)``.
+
+    TCKD is the KL between teacher and student binary distributions [p_target, 1 - p_target]; NCKD the
+    KL between their softmaxes over the non-target classes alone. Both are summed over classes and
+    averaged over the batch. ``w(epoch) = min((epoch + 1) / warmup_epochs, 1)`` ramps the KD part up
+    linearly over the first ``warmup_epochs`` epochs (mdistiller's schedule, its epochs counted from 1).
+    With mixed (mixup/cutmix) labels the target class is the one with the largest share of the label.
+    """
+
+    def __init__(
+        self,
+        alpha: float = 1.0,
+        beta: float = 0.5,
+        temperature: float = 1.0,
+        ce_weight: float = 1.0,
+        warmup_epochs: int = 1,
+        label_smoothing: float = 0.0,
+    ) -> None:
+        super().__init__()
+        if temperature <= 0:
+            raise KdError(f"loss.temperature={temperature} must be positive; DKD uses 1 on ImageNet, 4 on CIFAR")
+        if warmup_epochs < 0:
+            raise KdError(f"loss.warmup_epochs={warmup_epochs} must be 0 or more (0: no warmup of the KD terms)")
+        self.alpha = check_weight("alpha", alpha)
+        self.beta = check_weight("beta", beta)
+        self.ce_weight = check_weight("ce_weight", ce_weight)
+        self.temperature = temperature
+        self.warmup_epochs = warmup_epochs
+        self.label_smoothing = check_label_smoothing(label_smoothing)
+        self.kd_weight = self.warmup_weight(0)
+
+    def warmup_weight(self, epoch: int) -> float:
+        return 1.0 if self.warmup_epochs == 0 else min((epoch + 1) / self.warmup_epochs, 1.0)
+
+    def start_epoch(self, epoch: int) -> None:
+        self.kd_weight = self.warmup_weight(epoch)
+
+    def terms(self, student_logits, teacher_logits, target):
+        t = self.temperature
+        labels = hard_labels(target)
+        student_binary, student_rest = target_and_rest(student_logits.float() / t, labels)
+        teacher_binary, teacher_rest = target_and_rest(teacher_logits.float() / t, labels)
+        tckd = F.kl_div(student_binary, teacher_binary, reduction="batchmean", log_target=True)
+        nckd = F.kl_div(student_rest, teacher_rest, reduction="batchmean", log_target=True)
+        scale = self.kd_weight * t * t
+        terms = {"tckd": scale * self.alpha * tckd, "nckd": scale * self.beta * nckd}
+        if self.ce_weight > 0:
+            terms["ce"] = self.ce_weight * label_cross_entropy(student_logits, target, self.label_smoothing)
+        return terms

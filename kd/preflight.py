@@ -1,0 +1,99 @@
+"""Checks of the command line before Hydra composes it.
+
+Hydra reports an unknown option (``teacher=nosuch``) in a dozen lines and an output folder it cannot create
+with a traceback; kd says either in one line on stderr, exit code 2. ``HYDRA_FULL_ERROR=1`` skips these
+checks, so Hydra's full report shows.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from hydra._internal.utils import get_args_parser
+from hydra.core.config_store import ConfigStore
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ValueType
+from hydra.errors import HydraException
+
+from kd.config import CONF_DIR
+from kd.errors import KdError
+
+MODEL_ROLES = ("teacher", "student")  # both offered from conf/model/ (kd.config.register_models)
+OUTPUT_FOLDERS = ("hydra.run.dir", "hydra.sweep.dir")
+
+
+def group_folder(group: str) -> Path:
+    return CONF_DIR / ("model" if group in MODEL_ROLES else group)
+
+
+def config_groups() -> list[str]:
+    return sorted({p.name for p in CONF_DIR.iterdir() if p.is_dir()} - {"model"} | set(MODEL_ROLES))
+
+
+def group_options(group: str) -> list[str]:
+    names = {p.stem for p in group_folder(group).glob("*.yaml")}
+    store = ConfigStore.instance()
+    if group in store.repo:
+        names |= {name.removesuffix(".yaml") for name in store.list(group)}
+    return sorted(names)
+
+
+def check_group_choice(group: str, values: list[str]) -> None:
+    options = group_options(group)
+    for value in values:
+        if value not in options and value != "null":
+            folder = group_folder(group).relative_to(CONF_DIR.parent)
+            raise KdError(f"{group}={value} is unknown; choose one of {', '.join(options)} (the files in {folder}/)")
+
+
+def option_names(value: object) -> list[str]:
+    """The options one value names: ``kd`` or, for several options of one group, ``[csv,wandb]``."""
+    return [str(v) for v in value] if isinstance(value, list) else [str(value)]
+
+
+def check_writable_folder(key: str, folder: str) -> None:
+    """The folder exists and is writable, or its nearest existing ancestor is a writable folder."""
+    if "${" in folder:  # resolved by Hydra later (the default outputs/${now:...})
+        return
+    existing = Path(folder).expanduser().absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        reason = "is not a folder" if not existing.is_dir() else "is not writable"
+        raise KdError(f"{key}={folder} cannot be written ({existing} {reason}); choose a folder you can write to")
+
+
+def check_overrides(overrides: list[str]) -> None:
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except HydraException:
+        return  # a syntax error: Hydra's own message names the position
+    groups = config_groups()
+    for override in parsed:
+        key = override.key_or_group
+        if override.is_delete() or override.value() is None:
+            continue
+        if key in OUTPUT_FOLDERS:
+            check_writable_folder(key, override.get_value_element_as_str())
+        elif key in groups and override.package is None:
+            if override.is_sweep_override():
+                if not override.is_choice_sweep() or override.value_type == ValueType.GLOB_CHOICE_SWEEP:
+                    continue  # a glob picks existing options by definition
+                values = [v for choice in override.value().list for v in option_names(choice)]
+            else:
+                values = option_names(override.value())
+            check_group_choice(key, values)
+
+
+def refuse_bad_command_line(argv: list[str] | None = None) -> None:
+    """Exit with one line on stderr (code 2) if the command line names an unknown option or unwritable folder."""
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return
+    args, _ = get_args_parser().parse_known_args(sys.argv[1:] if argv is None else argv)
+    try:
+        check_overrides(args.overrides or [])
+    except KdError as problem:
+        print(f"error: {problem}", file=sys.stderr)
+        sys.exit(2)

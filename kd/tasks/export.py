@@ -1,0 +1,37 @@
+"""``task=export``: write ``student.weights`` alone in ``export.formats``, with its card as JSON."""
+
+from __future__ import annotations
+
+import time
+
+from omegaconf import DictConfig, ListConfig
+
+from kd.errors import KdError
+from kd.export import check_formats, export_student
+from kd.tasks.common import output_dir, write_results
+from kd.tasks.trained import trained_student
+
+
+def export(cfg: DictConfig) -> dict:
+    start = time.perf_counter()
+    settings = cfg.export
+    formats = settings.formats
+    if isinstance(formats, str):  # export.formats=onnx
+        formats = [formats]
+    if not isinstance(formats, list | ListConfig):
+        raise KdError(f"export.formats={formats} must be a list such as export.formats=[safetensors,onnx]")
+    formats = check_formats(formats)  # before any work
+    out = output_dir(cfg)
+    student, card = trained_student(cfg)
+    written = export_student(student, card, settings.dir, formats, settings.name)
+    results = {
+        "metrics": {},
+        "weights": str(cfg.student.get("weights")),
+        "files": {fmt: str(path) for fmt, path in written.items()},
+        "wall_time_s": round(time.perf_counter() - start, 3),
+        "output_dir": str(out),
+    }
+    write_results(out, cfg, "export", **results)
+    for fmt, path in written.items():
+        print(f"{fmt}: {path}")
+    return results

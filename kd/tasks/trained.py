@@ -1,0 +1,63 @@
+"""The trained student that eval, predict and export work on: ``student.weights`` as they are, with its card."""
+
+from __future__ import annotations
+
+import logging
+
+from omegaconf import DictConfig, OmegaConf
+
+from kd.card import StudentCard, card_for, read_card
+from kd.data import ClassificationData
+from kd.errors import KdError
+from kd.models import Classifier
+from kd.models.build import build_classifier
+from kd.tasks.common import build_data
+from kd.tasks.pretrain import PretrainedCache
+from kd.teachers.weights import is_local_file
+
+log = logging.getLogger("kd")
+
+
+def pretrained_cache(cfg: DictConfig, data: ClassificationData) -> PretrainedCache:
+    return PretrainedCache(cfg.paths.cache_dir, cfg.data, data, cfg.trainer.get("accelerator", "auto"))
+
+
+def trained_student(cfg: DictConfig, data: ClassificationData | None = None) -> tuple[Classifier, StudentCard]:
+    """Build ``cfg.student`` from its weights (never with a new classifier) and find its card.
+
+    The class names and preprocessing come from the card stored with the weights; ``cfg.data`` is
+    only built when the weights carry none (or are ``auto``, which needs the data to train them).
+    """
+    student_cfg = cfg.student
+    if student_cfg.get("weights") == "auto":
+        data = data or build_data(cfg, cfg.student)
+        path = pretrained_cache(cfg, data)(cfg.student, "student")
+        student_cfg = OmegaConf.merge(cfg.student, {"weights": str(path)})
+    weights = str(student_cfg.get("weights"))
+    card = read_card(weights) if is_local_file(weights) else None
+    if card is None:
+        data = data or build_data(cfg, cfg.student)
+    elif data is not None:
+        check_same_classes(card, data, weights)
+    class_names = card.class_names if card else data.class_names
+    student = build_classifier(student_cfg, len(class_names), "student", allow_new_head=False)
+    if card is None:
+        card = card_for(student, data, model=cfg.student.get("name"))
+        log.info("student.weights=%s store no class names; using the %d classes of the data", weights, len(class_names))
+    return Classifier(student.net, card.preprocessing), card
+
+
+def check_same_classes(card: StudentCard, data: ClassificationData, weights: str) -> None:
+    if card.num_classes != data.num_classes:
+        raise KdError(
+            f"student.weights={weights} predict {card.num_classes} classes but the data has {data.num_classes}; "
+            "give the data the student was trained on"
+        )
+    if card.class_names != list(data.class_names):
+        differ = [f"{a}/{b}" for a, b in zip(card.class_names, data.class_names, strict=True) if a != b][:3]
+        log.warning(
+            "student.weights=%s were trained with other class names than the data's (e.g. %s); "
+            "metrics compare class indices",
+            weights,
+            ", ".join(differ),
+        )

@@ -1,0 +1,141 @@
+"""The model zoo: every ``conf/model/<name>.yaml``, usable as ``teacher=<name>`` or ``student=<name>``.
+
+``python -m kd.zoo`` prints a table (backend and id, parameters, default input, weight sources);
+``python -m kd.zoo --json`` prints the same as a JSON list. Parameters are counted on PyTorch's meta
+device: the network is built without allocating or initializing any weight.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from kd.config import CONF_DIR
+from kd.teachers import paddle
+
+NAMED = {"timm": "tag", "torchvision": "weights"}  # what a backend calls its published weights
+FILE_SOURCE = "file"  # .pth / .pt / .ckpt / .safetensors
+PADDLE_SOURCE = "pdparams"
+
+
+@dataclass
+class ZooEntry:
+    name: str
+    backend: str
+    id: str
+    params_m: float
+    params: int
+    num_classes: int
+    input_size: list[int]
+    interpolation: str
+    mean: list[float]
+    std: list[float]
+    default_weights: str | None
+    weights: list[str]  # published weights by name (timm tags, torchvision weights names)
+    sources: list[str]  # the kinds of weights= this model takes
+
+
+def model_names(conf_dir: Path = CONF_DIR) -> list[str]:
+    return sorted(path.stem for path in (conf_dir / "model").glob("*.yaml"))
+
+
+def count_parameters(arch, num_classes: int) -> int:
+    with torch.device("meta"):
+        net = arch.build(num_classes)
+    return sum(parameter.numel() for parameter in net.parameters())
+
+
+def describe(name: str, conf_dir: Path = CONF_DIR) -> ZooEntry:
+    cfg = OmegaConf.load(conf_dir / "model" / f"{name}.yaml")
+    arch = instantiate(cfg.arch)
+    preprocessing = arch.preprocessing()
+    names = arch.weight_names()
+    sources = ([f"{arch.backend} {NAMED[arch.backend]}"] if names else []) + [FILE_SOURCE]
+    if arch.backend == "timm" and paddle.supports(arch.model_name):
+        sources.append(PADDLE_SOURCE)
+    if cfg.get("pretrain") is not None:
+        sources.append("auto")
+    params = count_parameters(arch, arch.num_classes)
+    default = None if cfg.get("weights") in (None, "none") else str(cfg.weights)
+    return ZooEntry(
+        name=name,
+        backend=arch.backend,
+        id=arch.id,
+        params_m=round(params / 1e6, 3),
+        params=params,
+        num_classes=arch.num_classes,
+        input_size=list(preprocessing.input_size),
+        interpolation=preprocessing.interpolation,
+        mean=[round(v, 4) for v in preprocessing.mean],
+        std=[round(v, 4) for v in preprocessing.std],
+        default_weights=names[0] if default == "pretrained" and names else default,
+        weights=names,
+        sources=sources,
+    )
+
+
+def zoo(conf_dir: Path = CONF_DIR) -> list[ZooEntry]:
+    return [describe(name, conf_dir) for name in model_names(conf_dir)]
+
+
+def table(entries: list[ZooEntry]) -> str:
+    header = ("name", "backend", "id", "params (M)", "input", "classes", "default weights", "other weight sources")
+    rows = [
+        (
+            e.name,
+            e.backend,
+            e.id,
+            f"{e.params / 1e6:.2f}" if e.params >= 100_000 else f"{e.params / 1e6:.4f}",
+            "x".join(map(str, e.input_size)),
+            str(e.num_classes),
+            e.default_weights or "none",
+            ", ".join(
+                f"{s} ({len(e.weights)})" if s.split()[0] in NAMED else s for s in e.sources if s != e.default_weights
+            ),
+        )
+        for e in entries
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    right = {3, 5}  # numbers
+
+    def line(cells) -> str:
+        return "  ".join(
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=False))
+        ).rstrip()
+
+    legend = [
+        "",
+        "weight sources (teacher.weights= / student.weights=):",
+        "  pretrained           the default weights above (timm and torchvision download them where a network is",
+        "                       allowed; offline, pass the downloaded file)",
+        "  timm tag (N)         N timm tags, e.g. resnet50d.ra2_in1k (python -m kd.zoo --json lists them)",
+        "  torchvision weights  a torchvision weights name, e.g. IMAGENET1K_V1",
+        "  file                 a local .pth / .pt / .ckpt (kd or Lightning checkpoint) / .safetensors file",
+        "  pdparams             a PaddleClas .pdparams file, read without PaddlePaddle",
+        "  auto                 trained once with task=train on the run's data and cached",
+        "  none                 random initialization",
+    ]
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows), *legend])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kd.zoo", description=__doc__.splitlines()[0])
+    parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    args = parser.parse_args(argv)
+    entries = zoo()
+    if args.json:
+        print(json.dumps([asdict(e) for e in entries], indent=2))
+    else:
+        print(table(entries))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,354 @@
+"""Bad input stops a run before any work: one line on stderr naming the bad value, exit code 2, nothing left."""
+
+import io
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+from PIL import Image
+from safetensors.torch import save_file
+
+from kd.checks import check_loss_gives_gradient, check_mixup_batch, check_run_length
+from kd.cli import user_error
+from kd.config import CONF_DIR
+from kd.data.imagefolder import ImageFolderData
+from kd.errors import KdError
+from kd.losses import DistillationLoss
+from kd.models.build import build_classifier
+from kd.preflight import check_overrides
+from kd.tasks.common import build_data, build_trainer
+from kd.tasks.train import fit
+from tests.conftest import FAST, run_cli
+
+MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+
+
+def assert_refused(result, expected: str, out: Path, cache: Path | None = None) -> None:
+    """Exit code 2, the error as the one line starting with 'error:', no traceback, nothing written."""
+    assert result.returncode == 2, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and errors[0].startswith("error: ") and expected in errors[0], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    assert not (out / "results.json").exists() and not (out / "checkpoints").exists()
+    if cache is not None:
+        assert not list(cache.rglob("*.safetensors")), "a refused run left a cache entry"
+
+
+# ---------------------------------------------------------------- the command line (before Hydra composes)
+
+
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["teacher=nosuch"], "error: teacher=nosuch is unknown; choose one of "),
+        (["student=resnet_nope"], "error: student=resnet_nope is unknown; choose one of "),
+        (["loss=nosuch"], "error: loss=nosuch is unknown; choose one of ce, dist, dkd, dml, fitnet, js, kd, kd_ce, "),
+        (["data=imagenett"], "error: data=imagenett is unknown; choose one of cifar10, cifar100, digits, fake"),
+        (["-m", "loss=kd,nosuch"], "error: loss=nosuch is unknown; choose one of "),
+    ],
+)
+def test_unknown_group_option_is_one_line_listing_the_valid_names(tmp_path, args, expected):
+    result = run_cli(*args, cwd=tmp_path, cache_dir=tmp_path / "cache")
+    assert_refused(result, expected, tmp_path, tmp_path / "cache")
+    assert result.stderr.strip().splitlines()[-1].startswith(expected)
+    if args[0].startswith(("teacher", "student")):
+        assert all(name in result.stderr for name in MODELS)
+    assert not (tmp_path / ".hydra").exists()  # refused before Hydra made anything
+
+
+def test_unwritable_hydra_output_folder_is_one_line(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    result = run_cli(f"hydra.run.dir={blocker}/run", cwd=tmp_path, cache_dir=tmp_path / "cache")
+    expected = f"error: hydra.run.dir={blocker}/run cannot be written ({blocker} is not a folder); choose a folder"
+    assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(expected)
+    assert "Traceback" not in result.stderr
+
+
+def test_preflight_accepts_valid_overrides_and_sweeps():
+    check_overrides(["teacher=digits_teacher", "loss=kd,ce", "loss=glob(*)", "seed=range(3)", "optim.lr=0.2"])
+    check_overrides(["+experiment=digits_kd", "hydra.run.dir=outputs/${now:%H}", "~logger"])
+    check_overrides(["logger=[csv,wandb,tensorboard]", "seed=0,1", "logger=[csv],[wandb]"])
+    with pytest.raises(KdError, match=r"^optim=adam is unknown; choose one of adamw, sgd"):
+        check_overrides(["optim=choice(sgd,adam)"])
+    with pytest.raises(KdError, match=r"^logger=wandbb is unknown; choose one of csv, none, tensorboard, wandb"):
+        check_overrides(["logger=[csv,wandbb]"])
+
+
+# ---------------------------------------------------------------- through run.py: refused before any work
+
+
+@pytest.mark.slow
+def test_warmup_longer_than_the_run_is_refused_before_any_model_is_trained(tmp_path):
+    cache = tmp_path / "cache"  # empty: weights=auto would train both digits models first
+    result = run_cli("trainer.max_epochs=2", "sched.warmup_epochs=3", cwd=tmp_path, cache_dir=cache)
+    assert_refused(result, "error: sched.warmup_epochs=3 covers the whole run (66 of 44 steps)", tmp_path, cache)
+
+
+# ---------------------------------------------------------------- nonsensical numbers (in process)
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["data.batch_size=0"], "data.batch_size=0 must be at least 1"),
+        (["optim.lr=0"], "optim.lr=0 must be positive"),
+        (["optim.lr=-0.1"], "optim.lr=-0.1 must be positive"),
+        (["loss.temperature=0"], "loss.temperature=0 must be positive"),
+        (["loss.temperature=-2"], "loss.temperature=-2 must be positive"),
+        (["sched.warmup_epochs=-1"], "sched.warmup_epochs=-1 is negative"),
+        (["sched.min_lr=0.5"], "sched.min_lr=0.5 must lie in [0, optim.lr=0.1]"),
+        (["trainer.max_epochs=2", "sched.warmup_epochs=2"], "sched.warmup_epochs=2 covers the whole run (44 of 44"),
+        (["trainer.max_epochs=0"], "this run would take no training step"),
+        (["ckpt_path=last"], "pass its output folder as hydra.run.dir=FOLDER together with its original overrides"),
+        (["ckpt_path=/nowhere/last.ckpt"], "ckpt_path=/nowhere/last.ckpt does not exist"),
+    ],
+)
+def test_nonsensical_settings_stop_before_any_work(make_cfg, tmp_path, overrides, expected):
+    cache = tmp_path / "fresh-cache"
+    cfg = make_cfg(*FAST, f"paths.cache_dir={cache}", *overrides)
+    with pytest.raises(Exception) as raised:
+        fit(cfg, task="distill")
+    refused = user_error(raised.value)  # what the CLI prints (instantiate wraps constructors' errors)
+    assert refused is not None and expected in str(refused) and "\n" not in str(refused), raised.value
+    assert not list(cache.rglob("*")), "the run trained a model before refusing"
+    assert not (tmp_path / "out" / "results.json").exists() and not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_unwritable_output_folder_is_refused(make_cfg, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    cfg = make_cfg(*FAST, f"paths.output_dir={blocker}/out")
+    with pytest.raises(KdError, match=f"output folder {blocker}/out cannot be written"):
+        fit(cfg, task="distill")
+
+
+class WeightedTerms(DistillationLoss):
+    """A loss of weighted terms, as a config-built weighted sum would be."""
+
+    def __init__(self, kd_weight: float, ce_weight: float) -> None:
+        super().__init__()
+        self.kd_weight, self.ce_weight = kd_weight, ce_weight
+
+    def terms(self, student_logits, teacher_logits, target):
+        return {
+            "kd": self.kd_weight * torch.nn.functional.mse_loss(student_logits, teacher_logits),
+            "ce": self.ce_weight * torch.nn.functional.cross_entropy(student_logits, target),
+        }
+
+
+def test_loss_with_all_weights_zero_is_refused():
+    cfg = OmegaConf.create({"kd_weight": 0.0, "ce_weight": 0})
+    with pytest.raises(KdError, match=r"no gradient \(its terms are all weighted zero: loss.kd_weight=0.0, loss.ce_w"):
+        check_loss_gives_gradient(WeightedTerms(0.0, 0), cfg, num_classes=10)
+    check_loss_gives_gradient(WeightedTerms(0.0, 0.1), cfg, num_classes=10)  # one weight is enough
+
+
+def test_mixup_with_an_odd_batch_is_refused():
+    cfg = OmegaConf.create({"mixup": {"mixup_alpha": 0.2, "cutmix_alpha": 0.0}})
+    with pytest.raises(KdError, match="data.batch_size=63 is odd, but mixup pairs images within a batch"):
+        check_mixup_batch(cfg, 63)
+    check_mixup_batch(cfg, 64)
+    check_mixup_batch(OmegaConf.create({"mixup": {"mixup_alpha": 0.0, "cutmix_alpha": 0.0}}), 63)  # off
+
+
+def test_run_length_counts_steps_as_lightning_does(make_cfg, tmp_path):
+    cfg = make_cfg(*FAST, "trainer.max_epochs=3", "trainer.accumulate_grad_batches=2", "sched.warmup_epochs=1")
+    data = build_data(cfg, cfg.student)
+    trainer = build_trainer(cfg, tmp_path)
+    check_run_length(trainer, data, instantiate(cfg.sched))  # 1437 images: 22 batches, 11 steps per epoch
+    with pytest.raises(KdError, match=r"covers the whole run \(33 of 33 steps\)"):
+        check_run_length(trainer, data, instantiate(cfg.sched, warmup_epochs=3))
+
+
+# ---------------------------------------------------------------- weights files
+
+
+@pytest.fixture
+def digits_cfg(make_cfg):
+    return make_cfg(*FAST)
+
+
+def build_teacher_from(cfg, path):
+    cfg.teacher.weights = str(path)
+    return build_classifier(cfg.teacher, 10, "teacher")
+
+
+def other_net_state(cfg, model: str, num_classes: int) -> dict:
+    return instantiate(cfg[model].arch).build(num_classes).state_dict()
+
+
+def test_weights_files_that_cannot_be_used_are_named(digits_cfg, tmp_path):
+    good = tmp_path / "teacher.pth"
+    torch.save(other_net_state(digits_cfg, "teacher", 10), good)
+    build_teacher_from(digits_cfg, good)  # the reference: a complete file loads
+
+    cases = {
+        "missing.pth": (None, "does not exist; pass an existing file or a timm tag"),
+        "empty.pth": (b"", "is empty; pass a complete weights file"),
+        "truncated.pth": (good.read_bytes()[: good.stat().st_size // 2], "is truncated"),
+        "notes.pth": (b"these are my notes, not weights", "is corrupt (IndexError"),
+        "story.pth": (b"once upon a time", "is corrupt"),
+        "truncated.safetensors": (b"\x08\x00\x00\x00\x00\x00\x00\x00{}", "is truncated"),
+    }
+    for name, (content, expected) in cases.items():
+        path = tmp_path / name
+        if content is not None:
+            path.write_bytes(content)
+        with pytest.raises(KdError) as refused:
+            build_teacher_from(digits_cfg, path)
+        assert str(refused.value).startswith(f"weights file {path} ") and expected in str(refused.value), name
+
+    listing = tmp_path / "list.pth"
+    torch.save([1, 2, 3], listing)
+    with pytest.raises(KdError, match="holds no state dict of tensors; save model.state_dict"):
+        build_teacher_from(digits_cfg, listing)
+
+
+def test_weights_of_another_architecture_or_class_count_are_refused_for_a_teacher(digits_cfg, tmp_path):
+    student_file = tmp_path / "student.pth"
+    torch.save(other_net_state(digits_cfg, "student", 10), student_file)
+    with pytest.raises(
+        KdError, match=r"do not fit this architecture \(missing keys features.3.0.weight.*shape mismatch in "
+    ):
+        build_teacher_from(digits_cfg, student_file)
+
+    three_classes = tmp_path / "teacher-3-classes.safetensors"
+    save_file(other_net_state(digits_cfg, "teacher", 3), str(three_classes))
+    with pytest.raises(
+        KdError,
+        match="another number of classes than the dataset's 10; give teacher weights trained on these classes",
+    ):
+        build_teacher_from(digits_cfg, three_classes)
+
+
+# ---------------------------------------------------------------- image folders
+
+
+def jpeg_bytes(color=(200, 30, 30)) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (12, 12), color).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def image_tree(root: Path, classes=("cat", "dog"), per_class=2) -> Path:
+    for split in ("train", "val"):
+        for name in classes:
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for index in range(per_class):
+                (folder / f"{index}.jpg").write_bytes(jpeg_bytes((40 * index, 80, 120)))
+    return root
+
+
+def image_data(root: Path, **kwargs) -> ImageFolderData:
+    data = ImageFolderData(str(root), batch_size=2, num_workers=0, image_size=8, **kwargs)
+    data.setup("fit")
+    return data
+
+
+def only_train(root: Path) -> None:
+    (root / "train").mkdir(parents=True)
+
+
+def val_classes_renamed(root: Path) -> None:
+    image_tree(root)
+    (root / "val" / "dog").rename(root / "val" / "wolf")
+
+
+def extra_train_class(root: Path) -> None:
+    image_tree(root)
+    (root / "train" / "bird").mkdir()
+
+
+def empty_val_class(root: Path) -> None:
+    image_tree(root)
+    for image in (root / "val" / "cat").iterdir():
+        image.unlink()
+
+
+@pytest.mark.parametrize(
+    "make, expected",
+    [
+        (lambda root: None, "data folder {root}/train does not exist; set data.root to a folder with train/ and val/"),
+        (Path.mkdir, "data folder {root}/train does not exist"),
+        (only_train, "data folder {root}/train has no class folders; put each class's images in {root}/train/<class>/"),
+        (val_classes_renamed, "train/ and val/ under {root} have different class folders (e.g. ['dog', 'wolf'])"),
+        (extra_train_class, "train/ and val/ under {root} have different class folders (e.g. ['bird'])"),
+        (empty_val_class, "class folder {root}/val/cat has no images; put its images there or remove the folder"),
+    ],
+)
+def test_data_roots_that_cannot_be_used_are_named(tmp_path, make, expected):
+    root = tmp_path / "images"
+    make(root)
+    with pytest.raises(KdError) as refused:
+        image_data(root)
+    assert expected.format(root=root) in str(refused.value)
+
+
+def test_hidden_folders_are_not_classes(tmp_path):
+    root = image_tree(tmp_path / "images")
+    (root / "train" / ".ipynb_checkpoints").mkdir()
+    data = image_data(root)
+    assert data.class_names == ["cat", "dog"] and data.train_set.classes == ["cat", "dog"]
+
+
+@pytest.mark.parametrize(
+    "name, content, reason",
+    [
+        ("notes.txt", b"a text file among the images", "is not an image file (by its extension)"),
+        ("page.jpg", b"<html>404 Not Found</html>", "is not an image (its first bytes match no image format)"),
+        ("empty.png", b"", "is empty"),
+    ],
+)
+def test_bad_image_files_stop_the_run_by_default_naming_the_file(tmp_path, name, content, reason):
+    root = image_tree(tmp_path / "images")
+    bad = root / "train" / "dog" / name
+    bad.write_bytes(content)
+    with pytest.raises(KdError) as refused:
+        image_data(root)
+    assert str(refused.value) == (
+        f"image file {bad} {reason}; remove or replace it, or pass data.bad_images=skip to leave such files out"
+    )
+
+
+def test_bad_image_files_are_left_out_and_counted_with_skip(tmp_path, caplog):
+    root = image_tree(tmp_path / "images")
+    (root / "train" / "dog" / "page.jpg").write_bytes(b"<html></html>")
+    (root / "train" / "cat" / "notes.txt").write_bytes(b"notes")
+    data = image_data(root, bad_images="skip")
+    assert len(data.train_set) == 4 and len(data.train_set.skipped) == 2
+    assert "left out 2 unreadable or non-image files" in caplog.text
+
+
+def test_an_image_that_fails_to_decode_is_named_or_skipped(tmp_path):
+    root = image_tree(tmp_path / "images")
+    broken = root / "train" / "cat" / "1.jpg"
+    broken.write_bytes(jpeg_bytes()[:40])  # a valid JPEG header, cut off: passes the header check
+    data = image_data(root)
+    index = [path for path, _ in data.train_set.samples].index(str(broken))
+    with pytest.raises(KdError, match=f"image file {broken} cannot be decoded"):
+        data.train_set[index]
+
+    skipping = image_data(root, bad_images="skip")
+    image, label = skipping.train_set[index]
+    assert image.shape == (3, 8, 8) and label == 1  # the next sample (dog/0.jpg) in its place
+    assert str(broken) in skipping.train_set.skipped
+
+
+def test_unknown_bad_images_policy_is_refused(tmp_path):
+    with pytest.raises(KdError, match="data.bad_images=ignore is unknown; use stop or skip"):
+        ImageFolderData(str(image_tree(tmp_path / "images")), bad_images="ignore")
+
+
+def test_a_worker_error_stays_one_line(tmp_path):
+    root = image_tree(tmp_path / "images")
+    (root / "train" / "cat" / "0.jpg").write_bytes(jpeg_bytes()[:40])
+    data = ImageFolderData(str(root), batch_size=4, num_workers=1, image_size=8)
+    data.setup("fit")
+    with pytest.raises(KdError) as refused:
+        next(iter(data.train_dataloader()))
+    assert str(refused.value).startswith(f"image file {root}/train/cat/0.jpg cannot be decoded")
+    assert "\n" not in str(refused.value)

@@ -1,0 +1,202 @@
+"""A killed run resumes from its last checkpoint and ends exactly where the uninterrupted run ends."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from kd.cli import user_error
+from kd.data.digits import DigitsData
+from kd.data.sampling import ResumableSampler, SeededViews, validation_sampler
+from kd.resume import RestoreRng
+from kd.tasks.common import build_data, build_teacher
+from kd.tasks.pretrain import PretrainedCache
+from kd.tasks.train import fit
+from tests.conftest import FAST, ROOT, run_cli
+
+# 2 epochs of 22 steps (1,437 digits, batch 64), a checkpoint every 3 steps (and, by kd's Checkpoint, after the last).
+RUN = [*FAST, "callbacks.checkpoint.every_n_train_steps=3"]
+TOTAL_STEPS = 44
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def start_and_kill(folder, cache_dir, kill_after_step: int) -> dict:
+    """Start the run, SIGKILL it once a checkpoint of step >= kill_after_step exists; its last checkpoint."""
+    env = {**os.environ, "KD_CACHE_DIR": str(cache_dir), "WANDB_MODE": "offline"}
+    command = [sys.executable, str(ROOT / "run.py"), *RUN, f"hydra.run.dir={folder}"]
+    log = (folder.parent / "killed.err").open("w")
+    process = subprocess.Popen(command, cwd=folder.parent, env=env, stdout=subprocess.DEVNULL, stderr=log)
+    last = folder / "checkpoints" / "last.ckpt"
+    seen = None
+    try:
+        while process.poll() is None:
+            time.sleep(0.01)
+            try:
+                stamp = last.stat().st_mtime_ns
+                if stamp != seen and load(last)["global_step"] >= kill_after_step:
+                    process.send_signal(signal.SIGKILL)
+                    break
+                seen = stamp
+            except (RuntimeError, OSError, EOFError):
+                pass  # not written yet, or replaced while being read
+        assert process.wait(timeout=600) == -signal.SIGKILL, (folder.parent / "killed.err").read_text()[-3000:]
+    finally:
+        process.kill()
+        log.close()
+    return load(last)
+
+
+@pytest.mark.slow
+def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_and_metrics(tmp_path, cache_dir):
+    kill_after = random.Random().choice([s for s in range(3, TOTAL_STEPS - 8) if s % 22])  # not at an epoch end
+    alone, killed = tmp_path / "alone", tmp_path / "killed"
+    alone.mkdir(), killed.mkdir()
+    result = run_cli(*RUN, cwd=alone, cache_dir=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    last = start_and_kill(killed, cache_dir, kill_after)
+    stopped_at = last["global_step"]
+    assert 0 < stopped_at < TOTAL_STEPS, f"killed after step {kill_after}, last checkpoint at {stopped_at}"
+    assert not (killed / "results.json").exists()
+    resumed = run_cli(*RUN, "ckpt_path=last", cwd=killed, cache_dir=cache_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"(epoch {last['epoch']}, step {stopped_at})" in (killed / "run.log").read_text()
+
+    expected, got = load(alone / "checkpoints" / "last.ckpt"), load(killed / "checkpoints" / "last.ckpt")
+    assert got["global_step"] == expected["global_step"] == TOTAL_STEPS
+    assert expected["state_dict"].keys() == got["state_dict"].keys()
+    for key, value in expected["state_dict"].items():
+        assert torch.equal(value, got["state_dict"][key]), f"{key} differs after a kill at step {stopped_at}"
+    for group, other in zip(
+        expected["optimizer_states"][0]["state"].values(), got["optimizer_states"][0]["state"].values(), strict=True
+    ):
+        assert torch.equal(group["momentum_buffer"], other["momentum_buffer"])
+    metrics = [json.loads((folder / "results.json").read_text())["metrics"] for folder in (alone, killed)]
+    assert metrics[0] == metrics[1], f"killed at step {stopped_at}"
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, cache_dir):
+    """A short distillation run (1 epoch, checkpoint at its end): its folder, overrides and model files."""
+    from hydra import compose, initialize_config_dir
+
+    from kd.config import CONF_DIR
+
+    folder = tmp_path_factory.mktemp("finished")
+    overrides = [*FAST, "trainer.max_epochs=1", "sched.warmup_epochs=0", f"paths.cache_dir={cache_dir}"]
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=[f"paths.output_dir={folder}", *overrides], return_hydra_config=True)
+    fit(cfg, task="distill")
+    cache = PretrainedCache(cache_dir, cfg.data, build_data(cfg, cfg.student), "cpu")
+    models = [f"{role}.weights={cache.path_for(cfg[role])}" for role in ("teacher", "student")]
+    return folder, overrides, models
+
+
+def refusal(make_cfg, *overrides) -> str:
+    with pytest.raises(Exception) as raised:
+        fit(make_cfg(*overrides), task="distill")
+    problem = user_error(raised.value)
+    assert problem is not None, raised.value
+    return str(problem)
+
+
+def test_resuming_with_another_teacher_is_refused(make_cfg, finished_run, tmp_path):
+    folder, overrides, models = finished_run
+    cfg = make_cfg(*overrides, *models)
+    teacher = build_teacher(cfg, 10, None)
+    state = {k: v.contiguous().clone() for k, v in teacher.model.net.state_dict().items()}  # channels-last teacher
+    state["fc.bias"] += 0.01  # a slightly different teacher
+    other = tmp_path / "other-teacher.safetensors"
+    save_file(state, str(other))
+    message = refusal(make_cfg, *overrides, f"teacher.weights={other}", f"ckpt_path={folder}/checkpoints/last.ckpt")
+    assert message.startswith(f"checkpoint {folder}/checkpoints/last.ckpt was distilled from another teacher")
+    assert message.endswith("resume with the teacher and teacher.weights the run started with")
+
+
+def test_resuming_with_another_batch_size_or_student_is_refused(make_cfg, finished_run):
+    folder, overrides, models = finished_run
+    checkpoint = f"ckpt_path={folder}/checkpoints/last.ckpt"
+    message = refusal(make_cfg, *overrides, *models, "data.batch_size=32", checkpoint)
+    assert "was written with data.batch_size=64, this run has 32; resume with the same setting" in message
+    message = refusal(make_cfg, *overrides, "student.arch.net.width=16", "student.weights=none", checkpoint)
+    assert "holds another student or loss" in message
+
+
+def test_a_truncated_checkpoint_is_refused(make_cfg, finished_run, tmp_path):
+    folder, overrides, _ = finished_run
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes((folder / "checkpoints" / "last.ckpt").read_bytes()[:1000])
+    message = refusal(make_cfg, *overrides, f"ckpt_path={broken}")
+    assert message.startswith(f"checkpoint {broken} cannot be read (")
+
+
+def test_resuming_a_finished_run_trains_no_further(make_cfg, finished_run):
+    folder, overrides, _ = finished_run
+    results = fit(make_cfg(*overrides, f"ckpt_path={folder}/checkpoints/last.ckpt"), task="distill")
+    finished = json.loads((folder / "results.json").read_text())["metrics"]
+    assert results["metrics"]["student/top1"] == finished["student/top1"]
+
+
+# ---------------------------------------------------------------- the pieces that make resuming exact
+
+
+def test_a_resumed_sampler_continues_the_epoch_where_it_stopped():
+    dataset = list(range(100))
+    full = list(ResumableSampler(dataset, seed=3, start_epoch=0))
+    assert sorted(index for index, _ in full) == dataset and full != sorted(full)
+    resumed = ResumableSampler(dataset, seed=3, start_epoch=0, skip=40)
+    assert list(resumed) == full[40:]
+    resumed.set_epoch(1)
+    fresh = ResumableSampler(dataset, seed=3)
+    fresh.set_epoch(1)
+    assert list(resumed) == list(fresh) and [e for _, e in fresh] == [1] * 100
+    assert list(fresh) != [(i, 1) for i, _ in full]  # another epoch, another order
+
+
+def test_ranks_split_an_epoch_and_the_validation_set_without_repeats():
+    dataset = list(range(101))
+    shards = [list(ResumableSampler(dataset, num_replicas=2, rank=r, seed=0)) for r in (0, 1)]
+    assert len(shards[0]) == len(shards[1]) == 51  # training pads by one sample, as DistributedSampler does
+    validation = [list(validation_sampler(dataset, 2, r)) for r in (0, 1)]
+    assert sorted(validation[0] + validation[1]) == dataset  # every sample exactly once
+    assert validation_sampler(dataset, 1, 0) is None
+
+
+def test_training_views_depend_on_seed_epoch_and_index_only():
+    data = DigitsData(max_shift=1)
+    data.setup()
+    views = SeededViews(data.train_set, seed=0)
+    first = views[(5, 0)][0]
+    torch.manual_seed(1234)  # whatever the global RNG did before
+    views[(7, 0)]
+    assert torch.equal(views[(5, 0)][0], first)
+    assert not all(torch.equal(views[(5, epoch)][0], first) for epoch in range(1, 6))  # a new shift per epoch
+    state = torch.get_rng_state()
+    views[(5, 3)]
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is left as it was
+
+
+def test_rng_states_travel_through_a_checkpoint_and_return_before_the_first_resumed_step(tmp_path):
+    def draws():
+        return torch.rand(3).tolist(), np.random.rand(3).tolist(), [random.random() for _ in range(3)]
+
+    saving = RestoreRng()
+    torch.save(saving.state_dict(), tmp_path / "rng.pt")  # as Lightning stores a callback's state
+    expected = draws()
+
+    resuming = RestoreRng()
+    resuming.load_state_dict(torch.load(tmp_path / "rng.pt", weights_only=True))
+    draws()  # setting up draws from the RNGs before training starts
+    resuming.on_train_start(trainer=None, pl_module=None)
+    assert draws() == expected

@@ -1,0 +1,34 @@
+"""Small real models for loss and module tests: kd's ConvNet as student and as a frozen teacher."""
+
+from __future__ import annotations
+
+import torch
+
+from kd.losses import DistillationLoss, Features
+from kd.models import Classifier, Preprocessing
+from kd.models.convnet import ConvNet
+from kd.teachers import FrozenTeacher
+
+PREPROCESSING = Preprocessing(mean=(0.3,), std=(0.4,), input_size=(1, 8, 8), crop_pct=1.0)
+
+
+def tiny_student(num_classes: int = 10, seed: int = 0) -> Classifier:
+    torch.manual_seed(seed)
+    return Classifier(ConvNet(num_classes, in_chans=1, width=4, depth=2), PREPROCESSING)
+
+
+def tiny_teacher(num_classes: int = 10, seed: int = 1) -> FrozenTeacher:
+    torch.manual_seed(seed)
+    return FrozenTeacher(Classifier(ConvNet(num_classes, in_chans=1, width=8, depth=4), PREPROCESSING))
+
+
+def loss_on_images(loss: DistillationLoss, images: torch.Tensor, target: torch.Tensor, seed: int = 0):
+    """Bind ``loss`` to a tiny student and teacher and evaluate it on ``images`` the way the module does.
+    Returns the loss value, the student logits and the student features (all part of the graph)."""
+    student, teacher = tiny_student(seed=seed), tiny_teacher(seed=seed + 1)
+    loss.bind(student, teacher)
+    stages = loss.feature_stages()
+    teacher_logits, teacher_features = teacher.forward_with_features(images, stages.teacher)
+    student_logits, student_features = student.forward_with_features(images, stages.student)
+    value = loss(student_logits, teacher_logits, target, Features(student_features, teacher_features))
+    return value, student_logits, student_features
