@@ -329,3 +329,27 @@ def test_task_cache_teacher_fills_the_cache_that_distill_then_reads(make_cfg, tm
 def test_task_cache_teacher_without_a_folder_stops_before_any_work(make_cfg):
     with pytest.raises(KdError, match=r"^task=cache_teacher needs a folder to write to; pass teacher.cache=DIR$"):
         cache_teacher(make_cfg("task=cache_teacher"))
+
+
+@pytest.mark.slow
+def test_ddp_with_mixup_fills_the_cache_once_and_both_processes_train_on_it(tmp_path, cache_dir):
+    # Random models (no weights=auto training): the point is the distributed machinery. 1,437 images on 2
+    # processes: 719 each (one image repeated), 11 batches of 64 (the repeat falls into the dropped short batch).
+    setup = ["teacher.weights=none", "student.weights=none", "trainer=ddp_cpu", "mixup=mixup_cutmix"]
+    short = ["trainer.max_epochs=1", "trainer.limit_train_batches=4", "sched.warmup_epochs=0", "logger=csv"]
+    cache = f"teacher.cache={tmp_path / 'teacher-outputs'}"
+    runs = {}
+    for name, extra in (("plain", []), ("cached", [cache])):
+        folder = tmp_path / name
+        folder.mkdir()
+        result = run_cli(*setup, *short, *extra, cwd=folder, cache_dir=cache_dir)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = folder
+
+    rank0, rank1 = ((runs["cached"] / log).read_text() for log in ("run.log", "train_ddp_process_1.log"))
+    assert "teacher outputs: wrote epoch 0" in rank0 and "process 1 of 2" in rank0
+    assert "teacher outputs: wrote epoch" not in rank1 and "reusing 1 of 1 epochs" in rank1
+    assert "process 2 of 2" in rank1
+    exact, stored = (np.array(step_losses(runs[name])) for name in ("plain", "cached"))
+    assert len(exact) == len(stored) == 4  # rank 0's losses; rank 1 trained on its own batches of the same cache
+    assert np.allclose(stored, exact, rtol=2e-4, atol=0), (stored, exact)
