@@ -111,13 +111,13 @@ class InMemory(Dataset):
     def __init__(self, dataset: Dataset) -> None:
         samples = [dataset[index] for index in range(len(dataset))]
         self.images = torch.stack([image for image, _ in samples])
-        self.labels = [int(label) for _, label in samples]
+        self.labels = torch.tensor([int(label) for _, label in samples])
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.images[index], self.labels[index]
+        return self.images[index], int(self.labels[index])
 
 
 class Setup:
