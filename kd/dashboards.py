@@ -117,7 +117,10 @@ def finish_dashboards(results: dict[str, Any] | None) -> None:
         log.info("wandb: offline run in %s; upload it with `wandb sync %s`", offline_dir, offline_dir)
 
 
-def number(cell: str) -> float | str:
+def number(cell: str) -> float | str | None:
+    """A summary.csv cell for a wandb Table: numbers as numbers, an empty cell (a failed job's metric) as None."""
+    if cell == "":
+        return None
     try:
         return float(cell)
     except ValueError:
