@@ -32,10 +32,18 @@ def user_error(error: BaseException) -> KdError | None:
 
 def route_lightning_logs_through_hydra() -> None:
     """Lightning adds its own console handler; Hydra's root handlers already print (and file) its records."""
+    import lightning.pytorch  # noqa: F401  (its import adds the handlers: they must exist before we clear them)
+
     for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
         logger = logging.getLogger(name)
         logger.handlers.clear()
         logger.propagate = True
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(drop_advertisements)
+
+
+def drop_advertisements(record: logging.LogRecord) -> bool:
+    """Lightning logs tips for its commercial services at every fit; they are not about the run."""
+    return not str(record.msg).startswith("💡 Tip")
 
 
 def run_task(cfg: DictConfig) -> float | None:

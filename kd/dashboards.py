@@ -6,6 +6,7 @@ under the job's output folder and ``wandb sync`` uploads it later. All jobs of a
 
 from __future__ import annotations
 
+import logging
 import netrc
 import os
 import sys
@@ -21,6 +22,8 @@ if TYPE_CHECKING:
     from lightning.pytorch.loggers import WandbLogger
 
     from kd.summary import Summary
+
+log = logging.getLogger("kd")
 
 # The config groups a run is tagged with, so dashboards can filter and group by them.
 TAGGED_CHOICES = ("teacher", "student", "loss", "data")
@@ -80,9 +83,17 @@ def wandb_logger(
     mode = wandb_mode(offline)
     if mode == "online":
         kwargs["mode"] = "online"
-    return WandbLogger(
+    if "settings" not in kwargs:  # wandb's banner and run summary would bury kd's own results table
+        import wandb
+
+        kwargs["settings"] = wandb.Settings(quiet=True)
+    logger = WandbLogger(
         save_dir=save_dir, project=project, group=group, name=name, tags=tags, offline=mode == "offline", **kwargs
     )
+    # Lightning always passes wandb's deprecated `anonymous` setting, which makes wandb print a warning.
+    if logger._wandb_init.get("anonymous") is None:
+        logger._wandb_init.pop("anonymous", None)
+    return logger
 
 
 def finish_dashboards(results: dict[str, Any] | None) -> None:
@@ -99,10 +110,17 @@ def finish_dashboards(results: dict[str, Any] | None) -> None:
         table = wandb.Table(columns=["metric", "value"], data=[[key, value] for key, value in metrics.items()])
         wandb.run.log({"results": table})
         wandb.run.summary.update({key: results[key] for key in ("wall_time_s", "train_images_per_s") if key in results})
+    offline = wandb.run.settings.mode in ("offline", "dryrun")  # Lightning's offline=True asks for "dryrun"
+    offline_dir = str(Path(wandb.run.dir).parent) if offline else None
     wandb.finish(exit_code=0 if results is not None else 1)
+    if offline_dir is not None:
+        log.info("wandb: offline run in %s; upload it with `wandb sync %s`", offline_dir, offline_dir)
 
 
-def number(cell: str) -> float | str:
+def number(cell: str) -> float | str | None:
+    """A summary.csv cell for a wandb Table: numbers as numbers, an empty cell (a failed job's metric) as None."""
+    if cell == "":
+        return None
     try:
         return float(cell)
     except ValueError:

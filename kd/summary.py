@@ -225,7 +225,8 @@ def delta_cell(variant: Variant, baseline: Variant | None) -> str:
         return "—"
     if baseline is variant:
         return "baseline"
-    return f"{100 * (variant.mean(TOP1) - baseline.mean(TOP1)):+.2f}"
+    points = round(100 * (variant.mean(TOP1) - baseline.mean(TOP1)), 2) + 0.0  # + 0.0: no "-0.00"
+    return f"{points:+.2f}"
 
 
 def notes(jobs: list[Job], common: list[str]) -> list[str]:

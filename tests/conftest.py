@@ -18,6 +18,10 @@ FAST = ["teacher.pretrain.epochs=3", "student.pretrain.epochs=2", "trainer.max_e
 
 register_models()
 
+# Runs inside the test process get a no-op wandb run: they are not finished one by one like a job of
+# run.py is, and wandb's service would outlive them. Runs through run.py (run_cli) use real offline runs.
+os.environ["WANDB_MODE"] = "disabled"
+
 
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:

@@ -26,6 +26,10 @@ def test_default_run_distills_digits_and_writes_results(tmp_path, cache_dir):
     log = (tmp_path / "run.log").read_text()
     assert "no weights given, so trained it with task=train" in log or "reusing weights trained earlier" in log
     assert not list(tmp_path.glob(".results.json.*"))  # no temporary file left behind
+    # Every run is on a dashboard: an offline wandb run (no API key here), ready for `wandb sync`.
+    assert len(list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))) == 1
+    assert (tmp_path / "csv" / "metrics.csv").is_file()
+    assert "wandb sync" in result.stdout + result.stderr
 
 
 def test_train_task_has_no_teacher_keys(tmp_path, cache_dir):
