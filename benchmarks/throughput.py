@@ -3,7 +3,7 @@
 On the same models, batch and data, measures images/s of
 
 - ``kd_step``: a distillation step of kd (Lightning Trainer + DistillationModule, the default config:
-  CSV logger, per-step LR and loss logging, checkpoint callback); ``kd_step_no_loggers``: the same
+  CSV and (offline) wandb loggers, per-step LR and loss logging, checkpoint callback); ``kd_step_no_loggers``: the same
   without loggers, LR monitor and checkpointing, to tell Lightning's own cost from our logging's;
 - ``hand_loop``: a hand-written PyTorch loop doing the identical computation (same teacher in the same
   memory format, same student initialization, loss object, optimizer and per-step LR schedule, same
@@ -347,7 +347,7 @@ def measure_memory(argv: list[str], workdir: Path) -> dict[str, dict[str, float]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             raise RuntimeError(f"memory run of {mode} failed:\n{done.stderr[-3000:]}")
-        results[mode] = json.loads(done.stdout.strip().splitlines()[-1])
+        results[mode] = json.loads(next(line for line in done.stdout.splitlines() if line.startswith("{")))
     return results
 
 
@@ -444,6 +444,7 @@ def quiet() -> None:
     import logging
     import warnings
 
+    os.environ.setdefault("WANDB_SILENT", "true")  # the default loggers include an offline wandb run
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "kd", "kd.models.build"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore")
