@@ -236,6 +236,8 @@ def cache_teacher(cfg: DictConfig, epochs: int | None = None) -> dict:
     start = time.perf_counter()
     if not cfg.teacher.get("cache"):
         raise KdError("task=cache_teacher needs a folder to write to; pass teacher.cache=DIR")
+    # Seeded as task=distill is, so a teacher with weights=none gets the same random weights (and fingerprint).
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     out = output_dir(cfg)
     data = build_data(cfg, cfg.student)
     obtain_auto = PretrainedCache(cfg.paths.cache_dir, cfg.data, data, cfg.trainer.get("accelerator", "auto"))
