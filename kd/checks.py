@@ -103,6 +103,27 @@ def check_mixup_batch(cfg: DictConfig, batch_size: int) -> None:
         raise KdError(f"data.batch_size={batch_size} is odd, but mixup pairs images within a batch; use an even batch")
 
 
+def check_teacher_cache(cfg: DictConfig, loss: DistillationLoss | None) -> None:
+    """``teacher.cache`` stores the teacher's logits per seeded training view; refuse what it cannot serve."""
+    if not OmegaConf.select(cfg, "teacher.cache"):
+        return
+    if cfg.teacher.get("bn_train_mode"):
+        raise KdError(
+            "teacher.bn_train_mode=true makes each teacher output depend on the whole batch, so it cannot be "
+            "stored per view; use teacher.cache=null or teacher.bn_train_mode=false"
+        )
+    if loss is not None and loss.uses_teacher and loss.feature_stages().teacher:
+        raise KdError(
+            f"loss {type(loss).__name__} compares the teacher's feature maps, but teacher.cache={cfg.teacher.cache} "
+            "stores the teacher's logits only; use teacher.cache=null with feature losses"
+        )
+    if OmegaConf.select(cfg, "trainer.overfit_batches"):
+        raise KdError(
+            f"trainer.overfit_batches={cfg.trainer.overfit_batches} replaces the seeded training sampler, so the "
+            "views cannot be looked up in teacher.cache; use teacher.cache=null to overfit a few batches"
+        )
+
+
 def check_distributed_launch(trainer: L.Trainer) -> None:
     """Lightning's ``ddp`` starts this script once more per extra process with this run's command line; a
     Hydra multirun would then start the whole sweep again in every process."""
@@ -128,5 +149,6 @@ def check_before_work(
     check_schedule_numbers(cfg)
     check_loss_gives_gradient(loss, cfg.loss, data.num_classes)
     check_mixup_batch(cfg, data.batch_size)
+    check_teacher_cache(cfg, loss)
     check_run_length(trainer, data, scheduler)
     check_distributed_launch(trainer)

@@ -17,6 +17,7 @@ from kd.losses.base import DistillationLoss, Features
 from kd.models import Classifier
 from kd.optim import OptimizerRecipe
 from kd.teachers import FrozenTeacher
+from kd.teachers.cache import CachedTeacher
 
 log = logging.getLogger("kd")
 
@@ -55,7 +56,7 @@ class DistillationModule(L.LightningModule):
         optimizer: OptimizerRecipe | OptimizerFactory | None,
         scheduler: SchedulerFactory | None,
         num_classes: int,
-        teacher: FrozenTeacher | None = None,
+        teacher: FrozenTeacher | CachedTeacher | None = None,
         mixup: BatchMixup | None = None,
     ) -> None:
         super().__init__()
@@ -79,7 +80,7 @@ class DistillationModule(L.LightningModule):
             self.val_teacher_ece = calibration_error(num_classes)
             self.val_agreement = MulticlassAccuracy(num_classes, top_k=1, average="micro")
 
-    teacher: FrozenTeacher | None
+    teacher: FrozenTeacher | CachedTeacher | None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.student(images)
@@ -87,15 +88,13 @@ class DistillationModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         self.loss.start_epoch(self.current_epoch)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        images, target = batch
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        images, target, view_ids = batch  # view_ids: (sample index, epoch) per image, see kd.data.sampling
         if self.mixup is not None:  # once, here: the teacher and the student get the same mixed tensor
             key = (self.global_rank, self.current_epoch, batch_idx)
             images, target = self.mixup(images, target, self.num_classes, key)
         stages = self.loss.feature_stages()
-        teacher_logits, teacher_features = (
-            self.teacher.forward_with_features(images, stages.teacher) if self.loss.uses_teacher else (None, {})
-        )
+        teacher_logits, teacher_features = self.teacher_outputs(images, view_ids, stages.teacher)
         student_logits, student_features = self.student.forward_with_features(images, stages.student)
         loss = self.loss(student_logits, teacher_logits, target, Features(student_features, teacher_features))
         if not torch.isfinite(loss):
@@ -105,6 +104,17 @@ class DistillationModule(L.LightningModule):
         if len(self.loss.last_terms) > 1:
             self.log_dict({f"train/loss/{k}": v for k, v in self.loss.last_terms.items()}, batch_size=batch_size)
         return loss
+
+    def teacher_outputs(
+        self, images: torch.Tensor, view_ids: torch.Tensor, stages: tuple[int, ...]
+    ) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
+        """The teacher's logits (and feature maps of ``stages``) for this training batch. A cached teacher reads
+        the logits stored for these views (and the mixup of this batch) instead of running the network."""
+        if not self.loss.uses_teacher:
+            return None, {}
+        if isinstance(self.teacher, CachedTeacher):
+            return self.teacher.lookup(view_ids, images.device), {}
+        return self.teacher.forward_with_features(images, stages)
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, target = batch

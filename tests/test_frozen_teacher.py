@@ -84,7 +84,7 @@ def test_teacher_is_bit_identical_after_fit_and_stays_out_of_optimizer_and_check
 def test_bn_train_mode_uses_batch_statistics_without_touching_buffers(make_cfg):
     cfg = make_cfg(*FAST, "teacher.bn_train_mode=true")
     data, teacher, module = build(cfg)
-    images, _ = next(iter(data.train_dataloader()))
+    images, _, _ = next(iter(data.train_dataloader()))
     eval_cfg = make_cfg(*FAST)
     _, eval_teacher, _ = build(eval_cfg)
     before = fingerprint(teacher)

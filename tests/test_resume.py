@@ -115,7 +115,7 @@ def test_resuming_with_another_teacher_is_refused(make_cfg, finished_run, tmp_pa
     folder, overrides, models = finished_run
     cfg = make_cfg(*overrides, *models)
     teacher = build_teacher(cfg, 10, None)
-    state = {k: v.clone() for k, v in teacher.model.net.state_dict().items()}
+    state = {k: v.contiguous().clone() for k, v in teacher.model.net.state_dict().items()}  # channels-last teacher
     state["fc.bias"] += 0.01  # a slightly different teacher
     other = tmp_path / "other-teacher.safetensors"
     save_file(state, str(other))

@@ -4,7 +4,7 @@ from typing import Any
 
 import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from kd.data.sampling import ResumableSampler, SeededViews, run_seed, validation_sampler
 
@@ -13,7 +13,9 @@ class ClassificationData(L.LightningDataModule):
     """Shared loader logic. Subclasses set ``train_set``, ``val_set``, ``class_names`` in ``setup``.
 
     Training batches come from ``kd.data.sampling`` (order and views reproducible from seed and epoch), and the
-    module's ``state_dict`` records how far training got in the data, so a resumed run continues there.
+    module's ``state_dict`` records how far training got in the data, so a resumed run continues there. They are
+    ``(images, targets, view_ids)``: ``view_ids`` holds (sample index, epoch) per image, the key of its view.
+    Validation batches are ``(images, targets)``: their views have no randomness.
     """
 
     train_set: Dataset
@@ -37,22 +39,15 @@ class ClassificationData(L.LightningDataModule):
             return 1, 0
         return self.trainer.world_size, self.trainer.global_rank
 
-    def loader(self, dataset: Dataset, train: bool) -> DataLoader:
-        num_replicas, rank = self.replicas()
-        if train:
-            position = self.resume_position
-            sampler = ResumableSampler(
-                dataset,
-                num_replicas,
-                rank,
-                seed=run_seed(),
-                start_epoch=position.get("epoch", 0),
-                skip=position.get("batches_done", 0) * self.batch_size,
-            )
-            dataset, per_process = SeededViews(dataset, sampler.seed), sampler.num_samples
-        else:
-            sampler = validation_sampler(dataset, num_replicas, rank)
-            per_process = len(sampler) if sampler is not None else len(dataset)
+    def training_loader(
+        self, num_replicas: int, rank: int, seed: int, start_epoch: int = 0, skip: int = 0
+    ) -> DataLoader:
+        """The training batches of process ``rank`` of ``num_replicas``, starting ``skip`` samples into
+        ``start_epoch``. Also what the teacher-output cache replays to see the batches a run will train on."""
+        sampler = ResumableSampler(self.train_set, num_replicas, rank, seed=seed, start_epoch=start_epoch, skip=skip)
+        return self.loader(SeededViews(self.train_set, sampler.seed), sampler, sampler.num_samples, train=True)
+
+    def loader(self, dataset: Dataset, sampler: Sampler | None, per_process: int, train: bool) -> DataLoader:
         return DataLoader(
             dataset,
             batch_size=self.batch_size if train else self.eval_batch_size,
@@ -65,10 +60,16 @@ class ClassificationData(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self.loader(self.train_set, train=True)
+        num_replicas, rank = self.replicas()
+        position = self.resume_position
+        skip = position.get("batches_done", 0) * self.batch_size
+        return self.training_loader(num_replicas, rank, run_seed(), position.get("epoch", 0), skip)
 
     def val_dataloader(self) -> DataLoader:
-        return self.loader(self.val_set, train=False)
+        num_replicas, rank = self.replicas()
+        sampler = validation_sampler(self.val_set, num_replicas, rank)
+        per_process = len(sampler) if sampler is not None else len(self.val_set)
+        return self.loader(self.val_set, sampler, per_process, train=False)
 
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()

@@ -25,9 +25,13 @@ class ShiftedDigits(Dataset):
         image = self.images[index]
         if self.max_shift:
             pad = self.max_shift
+            # torch's default generator: kd.data.sampling.SeededViews seeds it per (seed, epoch, index).
             dy, dx = torch.randint(0, 2 * pad + 1, (2,)).tolist()
             image = torch.nn.functional.pad(image, (pad, pad, pad, pad))[:, dy : dy + 8, dx : dx + 8]
         return image, int(self.labels[index])
+
+    def __repr__(self) -> str:
+        return f"ShiftedDigits(images={len(self)}, max_shift={self.max_shift})"
 
 
 class DigitsData(ClassificationData):

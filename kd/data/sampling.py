@@ -10,6 +10,7 @@ trained on and sees the rest exactly as the uninterrupted run would have.
 from __future__ import annotations
 
 import os
+import random
 from collections.abc import Iterator
 from typing import Any
 
@@ -17,6 +18,15 @@ import numpy as np
 import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import Dataset, DistributedSampler, Sampler
+
+from kd.errors import KdError
+
+#: Written into every teacher-output cache manifest: change it whenever the seeding below changes.
+SEEDING = (
+    "order: DistributedSampler(seed, epoch); view: torch default generator seeded by SeedSequence(seed, epoch, index)"
+)
+#: The epoch in the view id of a sample loaded by a plain index, without reseeding.
+UNSEEDED = -1
 
 
 def run_seed() -> int:
@@ -63,7 +73,10 @@ class SeededViews(Dataset):
 
     Transforms that take their randomness from torch's global RNG (torchvision's all do) then give the same view
     for the same sample and epoch wherever it is loaded. The caller's RNG state is restored afterwards.
-    Plain integer keys load the sample without reseeding.
+    ``views[(index, epoch)]`` is ``(image, target, view_id)`` with ``view_id = tensor([index, epoch])``, so each
+    training batch carries the ids of its views (a cached teacher looks its outputs up by them). A plain integer
+    key (a sequential sampler that Lightning swaps in for ``overfit_batches``) loads the sample without
+    reseeding; its view id has epoch -1: "not a seeded view".
     """
 
     def __init__(self, dataset: Dataset, seed: int) -> None:
@@ -73,17 +86,58 @@ class SeededViews(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> Any:
-        if isinstance(key, int):
-            return self.dataset[key]
-        index, epoch = key
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, Any, torch.Tensor]:
+        return self.__getitems__([key])[0]
+
+    def __getitems__(self, keys: list[int | tuple[int, int]]) -> list[tuple[Any, Any, torch.Tensor]]:
+        """A whole batch (the DataLoader calls this when it exists): the generator's state is saved and restored
+        once per batch instead of once per sample."""
         generator = torch.default_generator  # CPU only: seeding CUDA here would disturb the model's RNG
         state = generator.get_state()
-        generator.manual_seed(view_seed(self.seed, epoch, index))
+        samples = []
         try:
-            return self.dataset[index]
+            for key in keys:
+                if isinstance(key, int):
+                    image, target = self.dataset[key]
+                    samples.append((image, target, torch.tensor([key, UNSEEDED])))
+                    continue
+                index, epoch = key
+                generator.manual_seed(view_seed(self.seed, epoch, index))
+                image, target = self.dataset[index]
+                samples.append((image, target, torch.tensor([index, epoch])))
         finally:
             generator.set_state(state)
+        return samples
+
+    def describe(self) -> str:
+        """What decides the views besides (seed, epoch, index): the transform (or the dataset) and the seeding."""
+        transform = getattr(self.dataset, "transform", None)
+        return f"{transform if transform is not None else self.dataset!r} | {SEEDING}"
+
+
+def check_reproducible(views: SeededViews, probes: int = 2) -> None:
+    """Builds a few views twice, with every global random generator disturbed in between, and stops with one
+    sentence when they differ (a transform drawing from Python's or NumPy's generator instead of torch's)."""
+    saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
+    try:
+        for index in range(min(probes, len(views))):
+            first = views[(index, 0)][0]
+            random.seed(random.random())
+            np.random.seed(np.random.randint(2**31))
+            torch.default_generator.manual_seed(int(torch.randint(2**31, (1,))))
+            again = views[(index, 0)][0]
+            if not torch.equal(torch.as_tensor(first), torch.as_tensor(again)):
+                transform = views.describe().split(" | ")[0].replace("\n", " ")
+                raise KdError(
+                    f"the training transform gave two different views of sample {index} for the same seed "
+                    f"({transform}); it draws random numbers outside torch's generator (Python random or NumPy), so "
+                    "its views cannot be rebuilt for the teacher-output cache: use torchvision transforms or "
+                    "teacher.cache=null"
+                )
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+        torch.set_rng_state(saved[2])
 
 
 def validation_sampler(dataset: Dataset, num_replicas: int, rank: int) -> Sampler | None:

@@ -80,7 +80,12 @@ def build_teacher(cfg: DictConfig, num_classes: int, obtain_auto: ObtainWeights 
     if not has_teacher(cfg):
         raise KdError("this task needs a teacher but ~teacher removed it; choose one with teacher=NAME")
     model = build_classifier(cfg.teacher, num_classes, "teacher", obtain_auto)
-    return FrozenTeacher(model, bn_train_mode=bool(cfg.teacher.get("bn_train_mode", False)))
+    return FrozenTeacher(
+        model,
+        bn_train_mode=bool(cfg.teacher.get("bn_train_mode", False)),
+        channels_last=bool(cfg.teacher.get("channels_last", True)),
+        compile=bool(cfg.teacher.get("compile", False)),
+    )
 
 
 def build_student(cfg: DictConfig, num_classes: int, obtain_auto: ObtainWeights | None) -> Classifier:

@@ -16,6 +16,7 @@ from kd.export import export_student
 from kd.module import DistillationModule
 from kd.report import print_summary
 from kd.resume import ResumePoint
+from kd.tasks.cache_teacher import cached_teacher
 from kd.tasks.common import (
     build_data,
     build_models,
@@ -55,6 +56,9 @@ def fit(cfg: DictConfig, task: str) -> dict:
 
     obtain_auto = PretrainedCache(cfg.paths.cache_dir, cfg.data, data, cfg.trainer.get("accelerator", "auto"))
     teacher, student = build_models(cfg, data.num_classes, obtain_auto, with_teacher=task == "distill")
+    if teacher is not None and cfg.teacher.get("cache") and loss.uses_teacher:
+        # Filled here, before Lightning starts any extra DDP process; the training step reads stored outputs.
+        teacher = cached_teacher(cfg, teacher, data, mixup, trainer.world_size)
     # Seeded before the module: losses build their trainable parts (feature adapters) in it.
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = DistillationModule(student, loss, optimizer, scheduler, data.num_classes, teacher, mixup)
