@@ -326,6 +326,20 @@ def test_task_cache_teacher_fills_the_cache_that_distill_then_reads(make_cfg, tm
     assert written == []
 
 
+@pytest.mark.slow
+def test_a_random_teacher_cached_ahead_is_reused_by_distill(tmp_path, cache_dir):
+    """weights=none: the teacher is built from the run seed, so both tasks must seed alike to agree."""
+    cache = tmp_path / "teacher-outputs"
+    common = (*FAST, "teacher.weights=none", f"teacher.cache={cache}", "sched.warmup_epochs=0")
+    for folder in ("fill", "distill"):
+        (tmp_path / folder).mkdir()
+    filled = run_cli(*common, "task=cache_teacher", cwd=tmp_path / "fill", cache_dir=cache_dir)
+    assert filled.returncode == 0, filled.stderr[-3000:]
+    distilled = run_cli(*common, cwd=tmp_path / "distill", cache_dir=cache_dir)
+    assert distilled.returncode == 0, distilled.stderr[-3000:]
+    assert "teacher outputs: reusing 2 of 2 epochs" in (tmp_path / "distill" / "run.log").read_text()
+
+
 def test_task_cache_teacher_without_a_folder_stops_before_any_work(make_cfg):
     with pytest.raises(KdError, match=r"^task=cache_teacher needs a folder to write to; pass teacher.cache=DIR$"):
         cache_teacher(make_cfg("task=cache_teacher"))
