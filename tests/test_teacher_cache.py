@@ -17,7 +17,7 @@ from hydra.utils import instantiate
 
 from kd.errors import KdError
 from kd.module import DistillationModule
-from kd.tasks.cache_teacher import cache_teacher, open_teacher_cache
+from kd.tasks.cache_teacher import cache_teacher, epochs_to_cover, open_teacher_cache, planned_trainer
 from kd.tasks.common import build_data, build_teacher
 from kd.tasks.pretrain import PretrainedCache
 from kd.tasks.train import fit
@@ -367,3 +367,24 @@ def test_ddp_with_mixup_fills_the_cache_once_and_both_processes_train_on_it(tmp_
     exact, stored = (np.array(step_losses(runs[name])) for name in ("plain", "cached"))
     assert len(exact) == len(stored) == 4  # rank 0's losses; rank 1 trained on its own batches of the same cache
     assert np.allclose(stored, exact, rtol=2e-4, atol=0), (stored, exact)
+
+
+@pytest.mark.parametrize(
+    ("trainer_overrides", "epochs"),
+    [
+        (["trainer.max_epochs=4"], 4),
+        # 22 batches of 64 per epoch; half of them: 11 steps per epoch, so 30 steps start a third epoch
+        (["trainer.max_epochs=-1", "trainer.max_steps=30", "trainer.limit_train_batches=0.5"], 3),
+        (["trainer.max_epochs=-1", "trainer.max_steps=30", "trainer.accumulate_grad_batches=2"], 3),
+        (["trainer.max_epochs=2", "trainer.max_steps=1000"], 2),
+    ],
+)
+def test_the_cache_covers_every_epoch_the_trainer_will_start(make_cfg, trainer_overrides, epochs):
+    cfg = make_cfg(*trainer_overrides)
+    assert epochs_to_cover(planned_trainer(cfg), build_data(cfg, cfg.student)) == epochs
+
+
+def test_a_cache_for_an_unlimited_run_is_refused(make_cfg):
+    cfg = make_cfg("trainer.max_epochs=-1", "trainer.max_steps=-1")
+    with pytest.raises(KdError, match="trainer.max_epochs and trainer.max_steps are both unlimited"):
+        epochs_to_cover(planned_trainer(cfg), build_data(cfg, cfg.student))

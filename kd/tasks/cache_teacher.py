@@ -27,7 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
-from kd.checks import check_teacher_cache
+from kd.checks import check_teacher_cache, planned_steps
 from kd.data import ClassificationData
 from kd.data.mixup import BatchMixup
 from kd.data.sampling import SeededViews, check_reproducible
@@ -158,21 +158,15 @@ def raise_repeated_sample(num_samples: int, world_size: int, batch_size: int) ->
     )
 
 
-def epochs_to_cover(cfg: DictConfig, data: ClassificationData, world_size: int = 1) -> int:
-    """The number of training epochs the run will start: ``trainer.max_epochs``, or what ``max_steps`` needs."""
-    trainer = cfg.trainer
-    max_epochs = trainer.get("max_epochs") or -1
-    max_steps = trainer.get("max_steps") or -1
-    candidates = [max_epochs] if max_epochs > 0 else []
-    if max_steps > 0:
-        batches = max(1, math.ceil(len(data.train_set) / world_size) // data.batch_size)
-        candidates.append(math.ceil(max_steps * (trainer.get("accumulate_grad_batches") or 1) / batches))
-    if not candidates:
+def epochs_to_cover(trainer: L.Trainer, data: ClassificationData) -> int:
+    """The number of training epochs the run will start, counted as Lightning counts its steps."""
+    if trainer.max_epochs == -1 and trainer.max_steps == -1:
         raise KdError(
             "teacher.cache needs to know how many epochs to store, but trainer.max_epochs and trainer.max_steps "
             "are both unlimited; set trainer.max_epochs"
         )
-    return min(candidates)
+    total, per_epoch = planned_steps(trainer, data)
+    return math.ceil(total / per_epoch) if per_epoch > 0 else 0
 
 
 def open_teacher_cache(
@@ -217,19 +211,22 @@ def cached_teacher(
     cfg: DictConfig,
     teacher: FrozenTeacher,
     data: ClassificationData,
-    mixup: BatchMixup | None = None,
-    world_size: int = 1,
+    mixup: BatchMixup | None,
+    trainer: L.Trainer,
 ) -> CachedTeacher:
-    epochs = epochs_to_cover(cfg, data, world_size)
-    store, _ = open_teacher_cache(cfg, teacher, data, epochs, mixup, world_size)
+    epochs = epochs_to_cover(trainer, data)
+    store, _ = open_teacher_cache(cfg, teacher, data, epochs, mixup, trainer.world_size)
     return CachedTeacher(teacher, store)
 
 
-def planned_world_size(cfg: DictConfig) -> int:
-    """The number of training processes ``cfg.trainer`` asks for (a Trainer built only to count them)."""
-    keys = ("accelerator", "strategy", "devices", "num_nodes")
+def planned_trainer(cfg: DictConfig) -> L.Trainer:
+    """A Trainer built only to count what ``cfg.trainer`` plans: processes, epochs and steps."""
+    keys = (
+        "accelerator", "strategy", "devices", "num_nodes",
+        "max_epochs", "max_steps", "limit_train_batches", "accumulate_grad_batches",
+    )  # fmt: skip
     settings = {key: cfg.trainer[key] for key in keys if cfg.trainer.get(key) is not None}
-    return L.Trainer(**settings, logger=False, enable_checkpointing=False, enable_progress_bar=False).world_size
+    return L.Trainer(**settings, logger=False, enable_checkpointing=False, enable_progress_bar=False)
 
 
 def cache_teacher(cfg: DictConfig, epochs: int | None = None) -> dict:
@@ -242,9 +239,10 @@ def cache_teacher(cfg: DictConfig, epochs: int | None = None) -> dict:
     data = build_data(cfg, cfg.student)
     obtain_auto = PretrainedCache(cfg.paths.cache_dir, cfg.data, data, cfg.trainer.get("accelerator", "auto"))
     mixup = instantiate(cfg.mixup) if cfg.get("mixup") else None
-    world_size = planned_world_size(cfg) if mixup is not None else 1  # without mixup it does not matter
+    planned = planned_trainer(cfg)
+    world_size = planned.world_size if mixup is not None else 1  # without mixup it does not matter
     teacher = build_teacher(cfg, data.num_classes, obtain_auto)
-    count = epochs if epochs is not None else epochs_to_cover(cfg, data, world_size)
+    count = epochs if epochs is not None else epochs_to_cover(planned, data)
     if count < 1:
         raise KdError(f"task.epochs={count} must be at least 1")
     store, written = open_teacher_cache(cfg, teacher, data, count, mixup, world_size)

@@ -58,7 +58,7 @@ def fit(cfg: DictConfig, task: str) -> dict:
     teacher, student = build_models(cfg, data.num_classes, obtain_auto, with_teacher=task == "distill")
     if teacher is not None and cfg.teacher.get("cache") and loss.uses_teacher:
         # Filled here, before Lightning starts any extra DDP process; the training step reads stored outputs.
-        teacher = cached_teacher(cfg, teacher, data, mixup, trainer.world_size)
+        teacher = cached_teacher(cfg, teacher, data, mixup, trainer)
     # Seeded before the module: losses build their trainable parts (feature adapters) in it.
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = DistillationModule(student, loss, optimizer, scheduler, data.num_classes, teacher, mixup)
