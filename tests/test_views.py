@@ -45,6 +45,10 @@ def test_a_view_is_a_function_of_seed_epoch_and_index_and_carries_its_id(make_cf
     assert any(not torch.equal(views[(i, e)][0], other_seed[(i, e)][0]) for e in range(3) for i in range(5))
     batch = views.__getitems__([(5, 2), 7])  # a batch at once; a plain index is loaded unseeded (epoch -1)
     assert torch.equal(batch[0][0], image) and batch[1][2].tolist() == [7, -1]
+    # A batch of plain indices (Lightning's sequential sampler for overfit_batches) draws from the global
+    # generator as it stands, so the same sample gets a new random shift each time, not a frozen one.
+    plain = torch.stack([views.__getitems__([5])[0][0] for _ in range(8)])
+    assert len({tuple(p.flatten().tolist()) for p in plain}) > 2
 
 
 @pytest.mark.parametrize("workers", [0, 2])

@@ -92,14 +92,15 @@ class SeededViews(Dataset):
     def __getitems__(self, keys: list[int | tuple[int, int]]) -> list[tuple[Any, Any, torch.Tensor]]:
         """A whole batch (the DataLoader calls this when it exists): the generator's state is saved and restored
         once per batch instead of once per sample."""
+        if all(isinstance(key, int) for key in keys):  # unseeded: draw from the generator as it stands
+            return [(*self.dataset[key], torch.tensor([key, UNSEEDED])) for key in keys]
         generator = torch.default_generator  # CPU only: seeding CUDA here would disturb the model's RNG
         state = generator.get_state()
         samples = []
         try:
             for key in keys:
                 if isinstance(key, int):
-                    image, target = self.dataset[key]
-                    samples.append((image, target, torch.tensor([key, UNSEEDED])))
+                    samples.append((*self.dataset[key], torch.tensor([key, UNSEEDED])))
                     continue
                 index, epoch = key
                 generator.manual_seed(view_seed(self.seed, epoch, index))
