@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from kd.dashboards import finish_dashboards
 from kd.errors import KdError
+from kd.summary import FAILURE_FILE, write_failure
 
 log = logging.getLogger("kd")
 
@@ -49,11 +50,16 @@ def drop_advertisements(record: logging.LogRecord) -> bool:
 def run_task(cfg: DictConfig) -> float | None:
     """Returns the final student top-1, so Hydra sweepers can optimize it."""
     route_lightning_logs_through_hydra()
-    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
-        return run_sweep_job(cfg)
+    in_sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+    if in_sweep:
+        (Path(cfg.paths.output_dir) / FAILURE_FILE).unlink(missing_ok=True)  # from an earlier attempt
     try:
         results = instantiate(cfg.task)(cfg)
     except Exception as error:
+        finish_dashboards(None)  # the dashboard run ends marked failed, never left open
+        if in_sweep:
+            record_failed_job(cfg, error)
+            return None
         problem = user_error(error)
         if problem is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
@@ -64,20 +70,9 @@ def run_task(cfg: DictConfig) -> float | None:
     return results["metrics"].get("student/top1")
 
 
-def run_sweep_job(cfg: DictConfig) -> float | None:
-    """One job of a multirun: any failure is logged and written to failure.json, and the sweep goes on."""
-    from kd.summary import FAILURE_FILE, write_failure
-
-    out = Path(cfg.paths.output_dir)
-    (out / FAILURE_FILE).unlink(missing_ok=True)  # from an earlier attempt in the same folder
-    try:
-        results = instantiate(cfg.task)(cfg)
-    except Exception as error:
-        problem = user_error(error)
-        message = str(problem) if problem is not None else f"{type(error).__name__}: {error}"
-        log.error("job failed: %s", message, exc_info=problem is None)  # a bug: its traceback goes to the log
-        write_failure(out, message, HydraConfig.get().overrides.task)
-        finish_dashboards(None)
-        return None
-    finish_dashboards(results)
-    return results["metrics"].get("student/top1")
+def record_failed_job(cfg: DictConfig, error: Exception) -> None:
+    """One job of a multirun failed: log it and write failure.json, so the sweep goes on and its summary lists it."""
+    problem = user_error(error)
+    message = str(problem) if problem is not None else f"{type(error).__name__}: {error}"
+    log.error("job failed: %s", message, exc_info=problem is None)  # a bug: its traceback goes to the log
+    write_failure(Path(cfg.paths.output_dir), message, HydraConfig.get().overrides.task)

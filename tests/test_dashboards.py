@@ -108,3 +108,12 @@ def test_wandb_is_offline_without_an_api_key_and_online_with_one(tmp_path):
     (tmp_path / ".netrc").write_text("machine api.wandb.ai\n  login user\n  password " + "a" * 40 + "\n")
     assert wandb_mode_in({"WANDB_BASE_URL": "https://api.wandb.ai"}, tmp_path) == "online"  # `wandb login`
     assert wandb_mode_in({"WANDB_MODE": "disabled"}, tmp_path) == "None"  # the user's WANDB_MODE decides
+
+
+def test_a_refused_run_ends_its_wandb_run_as_failed(tmp_path, cache_dir):
+    env = wandb_env(tmp_path)
+    result = run_cli("trainer.max_epochs=2", "sched.warmup_epochs=3", cwd=tmp_path, cache_dir=cache_dir, extra_env=env)
+    assert result.returncode == 2 and "covers the whole run" in result.stderr
+    [log_file] = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
+    exits = [r.exit.exit_code for r in wandb_records(log_file) if r.WhichOneof("record_type") == "exit"]
+    assert exits == [1]  # finished by kd as failed (wandb's own exit hook would record the process's code 2)
