@@ -192,9 +192,10 @@ def percent(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.2f} ± {100 * statistics.stdev(values):.2f}"
 
 
-def markdown_table(jobs: list[Job]) -> str:
-    """One row per variant, best mean student top-1 first; failed and unfinished jobs listed below."""
-    variants, common = group_variants(jobs)
+def markdown_table(jobs: list[Job], grouped: tuple[list[Variant], list[str]] | None = None) -> str:
+    """One row per variant, best mean student top-1 first; failed and unfinished jobs listed below.
+    ``grouped``: ``group_variants(jobs)``, when the caller has it already."""
+    variants, common = grouped or group_variants(jobs)
     rows = ranked(variants)
     optional = [key for key in ("student/top5", "agreement", "teacher/top1") if any(key in j.metrics for j in jobs)]
     with_baseline = any(baseline_of(v, variants) for v in rows)
@@ -252,11 +253,10 @@ def one_line(text: str, limit: int = 300) -> str:
 # --- summary.png ----------------------------------------------------------------------------------------
 
 
-def plot(jobs: list[Job], path: Path) -> Path:
+def plot(variants: list[Variant], path: Path) -> Path:
     """Bar chart of mean student top-1 per variant with standard deviations, and every job's val top-1 curve."""
     from matplotlib.figure import Figure  # the Agg canvas, no GUI backend and no global pyplot state
 
-    variants, _ = group_variants(jobs)
     rows = ranked(variants)
     figure = Figure(figsize=(12, max(3.5, 0.45 * len(rows) + 2)), layout="constrained")
     bars, curves = figure.subplots(1, 2, width_ratios=[1, 1.2])
@@ -305,12 +305,13 @@ class Summary:
 def write_summary(sweep_dir: str | Path) -> Summary:
     sweep_dir = Path(sweep_dir)
     jobs = load_jobs(sweep_dir)
-    variants, _ = group_variants(jobs)
-    markdown = markdown_table(jobs)
+    grouped = group_variants(jobs)
+    variants = grouped[0]
+    markdown = markdown_table(jobs, grouped)
     write_atomic(sweep_dir / "summary.csv", lambda tmp: tmp.write_text(csv_text(jobs, variants)))
     write_atomic(sweep_dir / "summary.md", lambda tmp: tmp.write_text(f"# Sweep {sweep_dir}\n\n{markdown}"))
     if any(job.status == "ok" for job in jobs):
-        plot(jobs, sweep_dir / "summary.png")
+        plot(variants, sweep_dir / "summary.png")
     else:  # nothing to draw: no picture from an earlier summary either
         (sweep_dir / "summary.png").unlink(missing_ok=True)
     return Summary(jobs, markdown, sweep_dir)

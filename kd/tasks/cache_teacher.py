@@ -66,6 +66,7 @@ def teacher_identity(
     cfg: DictConfig,
     teacher: FrozenTeacher,
     data: ClassificationData,
+    views: SeededViews,
     k: int,
     mixup: BatchMixup | None = None,
     world_size: int = 1,
@@ -88,7 +89,7 @@ def teacher_identity(
             "classes": data.num_classes,
             "content": content_digest(data.train_set),
         },
-        "views": SeededViews(data.train_set, int(cfg.seed)).describe(),
+        "views": views.describe(),
         "seed": int(cfg.seed),
         "k": k,
         "mixup": mixup_identity(mixup, data.batch_size, world_size),
@@ -186,7 +187,7 @@ def open_teacher_cache(
     views = SeededViews(data.train_set, seed)
     check_reproducible(views)
     k = resolve_topk(cfg.teacher.get("cache_topk", "auto"), data.num_classes)
-    identity = teacher_identity(cfg, teacher, data, k, mixup, world_size)
+    identity = teacher_identity(cfg, teacher, data, views, k, mixup, world_size)
     store = TeacherOutputStore.under(
         cfg.teacher.cache,
         str(cfg.teacher.get("name", "teacher")),
