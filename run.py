@@ -3,9 +3,9 @@
 import hydra
 from omegaconf import DictConfig
 
-from kd.cli import run_task
-from kd.config import register_models
-from kd.preflight import refuse_bad_command_line
+from kd.launch.configs import register_models
+from kd.launch.preflight import refuse_bad_command_line
+from kd.launch.run import run_task
 
 register_models()
 

@@ -64,7 +64,7 @@ from hydra.utils import instantiate  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 from torch.utils.data import Dataset  # noqa: E402
 
-from kd.config import CONF_DIR, register_models  # noqa: E402
+from kd.launch.configs import CONF_DIR, register_models  # noqa: E402
 from kd.losses import LabelCrossEntropy  # noqa: E402
 from kd.module import DistillationModule  # noqa: E402
 from kd.tasks.cache_teacher import open_teacher_cache  # noqa: E402

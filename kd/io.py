@@ -1,4 +1,5 @@
-"""Atomic writes: a crash leaves the old file or the new one, never half of one."""
+"""kd's files: where its configs live, and atomic writes (a crash leaves the old file or the new one, never half
+of one)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # conf/: one Hydra group per choice
 
 
 def current_umask() -> int:

@@ -15,13 +15,12 @@ from kd.data.mixup import BatchMixup
 from kd.errors import KdError, NonFiniteError
 from kd.losses.base import DistillationLoss, Features
 from kd.models import Classifier
-from kd.optim import OptimizerRecipe
-from kd.teachers import FrozenTeacher
 from kd.teachers.cache import CachedTeacher
+from kd.teachers.frozen import FrozenTeacher
+from kd.training.optim import OptimizerFactory, OptimizerRecipe
 
 log = logging.getLogger("kd")
 
-OptimizerFactory = Callable[..., torch.optim.Optimizer]
 SchedulerFactory = Callable[..., object]
 
 

@@ -26,12 +26,12 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from kd.errors import KdError
-from kd.io import write_atomic, write_json_atomic
+from kd.io import write_atomic
+from kd.results.dashboards import publish_sweep
+from kd.results.files import FAILURE_FILE, RESULTS_FILE
 
 log = logging.getLogger("kd")
 
-RESULTS_FILE = "results.json"
-FAILURE_FILE = "failure.json"
 SEED_KEY = "seed"
 BASELINE_LOSS = "ce"
 TOP1 = "student/top1"
@@ -70,15 +70,6 @@ class Variant:
     def mean(self, key: str) -> float:
         values = self.values(key)
         return statistics.mean(values) if values else math.nan
-
-
-# --- the job's side: a failed job of a multirun says so in failure.json ---------------------------------
-
-
-def write_failure(out: Path, error: str, overrides: Sequence[str]) -> Path:
-    """Record a failed job, never as a results.json: the summary lists it as failed with ``error``."""
-    failure = {"status": "failed", "error": error, "overrides": list(overrides)}
-    return write_json_atomic(Path(out) / FAILURE_FILE, failure)
 
 
 # --- reading a sweep folder -----------------------------------------------------------------------------
@@ -325,9 +316,7 @@ class SweepSummary(Callback):
         print(f"\nSweep summary ({summary.folder}/summary.md, summary.csv, summary.png):\n\n{summary.markdown}")
         wandb_cfg = OmegaConf.select(config, "logger.wandb")
         if wandb_cfg is not None:
-            from kd.dashboards import publish_sweep
-
-            publish_sweep(summary, wandb_cfg)
+            publish_sweep(summary.folder, wandb_cfg)
         if summary.failed:
             failed, total = len(summary.failed), len(summary.jobs)
             log.error("%d of %d jobs failed or did not finish; see %s/summary.md", failed, total, summary.folder)

@@ -17,8 +17,8 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from kd.config import CONF_DIR
-from kd.teachers import paddle
+from kd.launch.configs import CONF_DIR
+from kd.weights import paddle
 
 NAMED = {"timm": "tag", "torchvision": "weights"}  # what a backend calls its published weights
 FILE_SOURCE = "file"  # .pth / .pt / .ckpt / .safetensors

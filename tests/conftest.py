@@ -10,7 +10,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig
 
-from kd.config import CONF_DIR, register_models
+from kd.launch.configs import CONF_DIR, register_models
 
 ROOT = Path(__file__).resolve().parents[1]
 # Short digits recipes: enough to exercise every code path in seconds, not to reach good accuracy.

@@ -10,16 +10,16 @@ from omegaconf import OmegaConf
 from PIL import Image
 from safetensors.torch import save_file
 
-from kd.checks import check_loss_gives_gradient, check_mixup_batch, check_run_length
-from kd.cli import user_error
-from kd.config import CONF_DIR
 from kd.data.imagefolder import ImageFolderData
 from kd.errors import KdError
+from kd.launch.configs import CONF_DIR
+from kd.launch.preflight import check_overrides
+from kd.launch.run import user_error
 from kd.losses import DistillationLoss
-from kd.models.build import build_classifier
-from kd.preflight import check_overrides
+from kd.tasks.checks import check_loss_gives_gradient, check_run_length
 from kd.tasks.common import build_data, build_trainer
 from kd.tasks.train import fit
+from kd.teachers.build import build_teacher_model
 from tests.conftest import FAST, run_cli
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
@@ -146,12 +146,14 @@ def test_loss_with_all_weights_zero_is_refused():
     check_loss_gives_gradient(WeightedTerms(0.0, 0.1), cfg, num_classes=10)  # one weight is enough
 
 
-def test_mixup_with_an_odd_batch_is_refused():
-    cfg = OmegaConf.create({"mixup": {"mixup_alpha": 0.2, "cutmix_alpha": 0.0}})
-    with pytest.raises(KdError, match="data.batch_size=63 is odd, but mixup pairs images within a batch"):
-        check_mixup_batch(cfg, 63)
-    check_mixup_batch(cfg, 64)
-    check_mixup_batch(OmegaConf.create({"mixup": {"mixup_alpha": 0.0, "cutmix_alpha": 0.0}}), 63)  # off
+def test_mixup_with_an_odd_batch_is_refused(make_cfg):
+    # BatchMixup checks the configured batch when it is built, before any work (kd.tasks.train.fit builds it first).
+    for name in ("mixup", "cutmix", "mixup_cutmix"):
+        with pytest.raises(Exception) as refused:  # hydra's instantiate wraps the constructor's KdError
+            instantiate(make_cfg(f"mixup={name}", "data.batch_size=63").mixup)
+        assert "but data.batch_size is 63, an odd number; use an even data.batch_size" in str(user_error(refused.value))
+        instantiate(make_cfg(f"mixup={name}", "data.batch_size=64").mixup)
+    assert make_cfg("data.batch_size=63").get("mixup") is None  # off by default: nothing to pair
 
 
 def test_run_length_counts_steps_as_lightning_does(make_cfg, tmp_path):
@@ -173,7 +175,7 @@ def digits_cfg(make_cfg):
 
 def build_teacher_from(cfg, path):
     cfg.teacher.weights = str(path)
-    return build_classifier(cfg.teacher, 10, "teacher")
+    return build_teacher_model(cfg.teacher, 10)
 
 
 def other_net_state(cfg, model: str, num_classes: int) -> dict:

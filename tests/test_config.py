@@ -7,9 +7,9 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
-from kd.config import CONF_DIR
 from kd.data import ClassificationData
 from kd.data.mixup import BatchMixup
+from kd.launch.configs import CONF_DIR
 from kd.losses import DistillationLoss
 from kd.tasks.common import optimizer_factory
 from tests.tiny_models import loss_on_images

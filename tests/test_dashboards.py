@@ -96,7 +96,7 @@ def test_wandb_offline_sweep_gives_each_job_its_own_run_beside_tensorboard_and_c
 def wandb_mode_in(env: dict[str, str], tmp_path: Path) -> str:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
     clean.update(HOME=str(tmp_path), NETRC=str(tmp_path / ".netrc"), **env)
-    code = "from kd.dashboards import wandb_mode; print(wandb_mode(None))"
+    code = "from kd.results.dashboards import wandb_mode; print(wandb_mode(None))"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=clean, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip().splitlines()[-1]

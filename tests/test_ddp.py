@@ -8,8 +8,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
 
-from kd.checks import check_distributed_launch
 from kd.errors import KdError
+from kd.tasks.checks import check_distributed_launch
 from tests.conftest import run_cli
 
 # Random models (no weights=auto training needed): the point is the distributed machinery, not accuracy.

@@ -17,8 +17,8 @@ from kd.losses import LabelCrossEntropy
 from kd.models import Classifier, Preprocessing
 from kd.models.convnet import ConvNet
 from kd.module import DistillationModule
-from kd.resume import AtomicCheckpointIO
 from kd.tasks.train import fit
+from kd.training.resume import AtomicCheckpointIO
 from tests.conftest import FAST, ROOT
 
 # An absurd learning rate from the first step: the logits overflow at step 1 and the KD term becomes NaN.
@@ -92,7 +92,7 @@ def test_a_kill_during_checkpoint_writes_leaves_a_complete_file(tmp_path):
     writer = textwrap.dedent(
         f"""
         import torch
-        from kd.resume import AtomicCheckpointIO
+        from kd.training.resume import AtomicCheckpointIO
         io, step = AtomicCheckpointIO(), 0
         while True:
             step += 1

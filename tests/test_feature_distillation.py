@@ -11,10 +11,12 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from kd.losses import FitNet
 from kd.models import Classifier, Preprocessing
 from kd.module import DistillationModule
-from kd.tasks.common import build_data, build_student, build_teacher, optimizer_factory
-from kd.tasks.pretrain import PretrainedCache
+from kd.students.build import build_student
+from kd.tasks.auto_weights import AutoWeights
+from kd.tasks.common import build_data, optimizer_factory
 from kd.teachers import FrozenTeacher
-from kd.teachers.weights import load_into, read_state_dict
+from kd.teachers.build import build_teacher
+from kd.weights.files import load_into, read_state_dict
 from tests.conftest import FAST
 from tests.tiny_models import tiny_student
 
@@ -72,11 +74,16 @@ class RecordTeacherFeatures(FitNet):
 def test_fitnet_trains_its_adapter_and_checkpoints_it_outside_the_student(make_cfg, tmp_path):
     cfg = make_cfg(*FAST, "loss=fitnet", "sched.warmup_epochs=0")
     data = build_data(cfg, cfg.student)
-    obtain = PretrainedCache(cfg.paths.cache_dir, cfg.data, data, "cpu")
+    obtain = AutoWeights(cfg.paths.cache_dir, cfg.data, data, "cpu")
     teacher = build_teacher(cfg, data.num_classes, obtain)
     loss = RecordTeacherFeatures()
     module = DistillationModule(
-        build_student(cfg, data.num_classes, obtain), loss, optimizer_factory(cfg), instantiate(cfg.sched), 10, teacher
+        build_student(cfg.student, data.num_classes, obtain),
+        loss,
+        optimizer_factory(cfg),
+        instantiate(cfg.sched),
+        10,
+        teacher,
     )
     adapter_before = loss.adapter.weight.detach().clone()
     checkpoints = ModelCheckpoint(dirpath=tmp_path, save_last=True)
@@ -103,6 +110,6 @@ def test_fitnet_trains_its_adapter_and_checkpoints_it_outside_the_student(make_c
     assert not any(k.startswith("teacher") for k in state)
     student_weights = read_state_dict(tmp_path / "last.ckpt")  # what eval/export take out of it
     assert not any("adapter" in k for k in student_weights)
-    fresh = build_student(cfg, 10, obtain)
+    fresh = build_student(cfg.student, 10, obtain)
     load_into(fresh.net, student_weights, ("fc.",), "checkpoint")  # strict: exactly the student's keys
     torch.testing.assert_close(fresh.net.fc.weight, module.student.net.fc.weight)

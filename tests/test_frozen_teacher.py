@@ -4,18 +4,20 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from kd.module import DistillationModule
-from kd.tasks.common import build_data, build_student, build_teacher, optimizer_factory
-from kd.tasks.pretrain import PretrainedCache
+from kd.students.build import build_student
+from kd.tasks.auto_weights import AutoWeights
+from kd.tasks.common import build_data, optimizer_factory
 from kd.teachers import fingerprint
+from kd.teachers.build import build_teacher
 from tests.conftest import FAST
 
 
 def build(cfg):
     data = build_data(cfg, cfg.student)
-    obtain = PretrainedCache(cfg.paths.cache_dir, cfg.data, data, "cpu")
+    obtain = AutoWeights(cfg.paths.cache_dir, cfg.data, data, "cpu")
     teacher = build_teacher(cfg, data.num_classes, obtain)
     module = DistillationModule(
-        build_student(cfg, data.num_classes, obtain),
+        build_student(cfg.student, data.num_classes, obtain),
         instantiate(cfg.loss),
         optimizer_factory(cfg),
         instantiate(cfg.sched),

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from hydra.utils import instantiate
 
-from kd.config import CONF_DIR
 from kd.errors import KdError
+from kd.launch.configs import CONF_DIR
 from kd.losses import (
     DIST,
     DecoupledKD,

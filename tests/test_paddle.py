@@ -18,11 +18,11 @@ import torch
 from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
-from kd.config import CONF_DIR
 from kd.errors import KdError
-from kd.models.build import build_classifier
-from kd.teachers.paddle import PADDLECLAS_PREPROCESSING, read_pdparams
-from kd.weights import main as weights_main
+from kd.launch.configs import CONF_DIR
+from kd.teachers.build import build_teacher_model
+from kd.weights.convert import main as weights_main
+from kd.weights.paddle import PADDLECLAS_PREPROCESSING, read_pdparams
 from tests.conftest import ROOT
 from tests.paddle_export import paddle_state, save_pdparams
 
@@ -38,7 +38,7 @@ def zoo_cfg(name: str, weights):
 def random_reference(name: str, seed: int = 0) -> torch.nn.Module:
     """The zoo model with random weights and random BatchNorm statistics (so their mapping matters)."""
     torch.manual_seed(seed)
-    net = build_classifier(zoo_cfg(name, None), NUM_CLASSES, "teacher").net.eval()
+    net = build_teacher_model(zoo_cfg(name, None), NUM_CLASSES).net.eval()
     with torch.no_grad():
         for module in net.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
@@ -65,7 +65,7 @@ def test_pdparams_layouts_load_onto_timm_and_give_the_same_logits(tmp_path, capl
     arrays = paddle_state(reference, layout, block_style)
     path = save_pdparams(arrays, tmp_path / f"{name}.pdparams")
     with caplog.at_level(logging.INFO):
-        model = build_classifier(zoo_cfg(name, path), NUM_CLASSES, "teacher")
+        model = build_teacher_model(zoo_cfg(name, path), NUM_CLASSES)
     assert f"{found} key layout" in caplog.text
     assert model.preprocessing == PADDLECLAS_PREPROCESSING
     images = torch.rand(2, 3, 64, 64)
@@ -108,13 +108,13 @@ def test_truncated_pdparams_says_truncated(tmp_path):
     path = save_pdparams(paddle_state(random_reference("resnet50"), "current"), tmp_path / "r50.pdparams")
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     with pytest.raises(KdError, match=r"r50\.pdparams is truncated \(the pickle ends after \d+ bytes\)"):
-        build_classifier(zoo_cfg("resnet50", path), NUM_CLASSES, "teacher")
+        build_teacher_model(zoo_cfg("resnet50", path), NUM_CLASSES)
 
 
 def test_pdparams_of_another_architecture_names_the_keys(tmp_path):
     path = save_pdparams(paddle_state(random_reference("resnet50_vd"), "current"), tmp_path / "r50vd.pdparams")
     with pytest.raises(KdError) as error:
-        build_classifier(zoo_cfg("resnet101_vd", path), NUM_CLASSES, "teacher")
+        build_teacher_model(zoo_cfg("resnet101_vd", path), NUM_CLASSES)
     message = str(error.value)
     assert re.search(r"do not fit this architecture \(missing keys layer3\.\d+\.", message)
     assert "\n" not in message
@@ -128,7 +128,7 @@ def test_paddleclas_resnet18_first_block_shortcut_does_not_fit_timm_resnet18(tmp
         arrays[f"blocks.0.short.bn.{name}"] = np.ones(64, np.float32)
     path = save_pdparams(arrays, tmp_path / "r18.pdparams")
     with pytest.raises(KdError, match=r"unexpected keys layer1\.0\.downsample"):
-        build_classifier(zoo_cfg("resnet18", path), NUM_CLASSES, "teacher")
+        build_teacher_model(zoo_cfg("resnet18", path), NUM_CLASSES)
 
 
 def test_pdparams_for_a_model_that_is_not_a_resnet_says_which_models_take_them(tmp_path):
@@ -136,7 +136,7 @@ def test_pdparams_for_a_model_that_is_not_a_resnet_says_which_models_take_them(t
     with pytest.raises(
         KdError, match=r"is PaddleClas weights, which kd maps onto ResNets only, not a DenseNet; use resnet50,"
     ):
-        build_classifier(zoo_cfg("densenet121", path), NUM_CLASSES, "teacher")
+        build_teacher_model(zoo_cfg("densenet121", path), NUM_CLASSES)
 
 
 def test_a_non_resnet_pdparams_says_which_layouts_kd_reads(tmp_path):
@@ -144,7 +144,7 @@ def test_a_non_resnet_pdparams_says_which_layouts_kd_reads(tmp_path):
     with pytest.raises(
         KdError, match=r"is not a PaddleClas ResNet .*kd reads PaddleClas 2\.x keys .* or older dygraph"
     ):
-        build_classifier(zoo_cfg("resnet50_vd", path), NUM_CLASSES, "teacher")
+        build_teacher_model(zoo_cfg("resnet50_vd", path), NUM_CLASSES)
 
 
 def test_convert_writes_safetensors_that_load_as_local_weights(tmp_path, capsys):
@@ -156,7 +156,7 @@ def test_convert_writes_safetensors_that_load_as_local_weights(tmp_path, capsys)
     state = load_file(str(target))
     assert all(torch.equal(state[k], v) for k, v in reference.state_dict().items())
     assert [p.name for p in target.parent.iterdir()] == [target.name]  # no temporary file left behind
-    model = build_classifier(zoo_cfg("resnet50_vd", target), NUM_CLASSES, "teacher")
+    model = build_teacher_model(zoo_cfg("resnet50_vd", target), NUM_CLASSES)
     images = torch.rand(1, 3, 64, 64)
     with torch.inference_mode():
         assert torch.equal(model.net.eval()(images), reference(images))
@@ -248,7 +248,7 @@ def test_real_paddleclas_resnets_give_the_same_logits_through_kd(tmp_path):
     images = torch.from_numpy(np.load(tmp_path / "images.npy"))
     for paddle_name, zoo_name in (("ResNet50_vd", "resnet50_vd"), ("ResNet50_vc", "resnet50_vc")):
         expected = torch.from_numpy(np.load(tmp_path / f"{paddle_name}_logits.npy"))
-        model = build_classifier(zoo_cfg(zoo_name, tmp_path / f"{paddle_name}.pdparams"), NUM_CLASSES, "teacher")
+        model = build_teacher_model(zoo_cfg(zoo_name, tmp_path / f"{paddle_name}.pdparams"), NUM_CLASSES)
         with torch.inference_mode():
             logits = model.eval()(images)  # kd normalizes with PaddleClas's mean and std itself
         assert expected.abs().max() > 0.1  # the logits carry signal, not all zeros

@@ -13,13 +13,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from kd.cli import user_error
 from kd.data.digits import DigitsData
 from kd.data.sampling import ResumableSampler, SeededViews, validation_sampler
-from kd.resume import RestoreRng
-from kd.tasks.common import build_data, build_teacher
-from kd.tasks.pretrain import PretrainedCache
+from kd.launch.run import user_error
+from kd.tasks.auto_weights import AutoWeights
+from kd.tasks.common import build_data
 from kd.tasks.train import fit
+from kd.teachers.build import build_teacher
+from kd.training.resume import RestoreRng
 from tests.conftest import FAST, ROOT, run_cli
 
 # 2 epochs of 22 steps (1,437 digits, batch 64), a checkpoint every 3 steps (and, by kd's Checkpoint, after the last).
@@ -91,14 +92,14 @@ def finished_run(tmp_path_factory, cache_dir):
     """A short distillation run (1 epoch, checkpoint at its end): its folder, overrides and model files."""
     from hydra import compose, initialize_config_dir
 
-    from kd.config import CONF_DIR
+    from kd.launch.configs import CONF_DIR
 
     folder = tmp_path_factory.mktemp("finished")
     overrides = [*FAST, "trainer.max_epochs=1", "sched.warmup_epochs=0", f"paths.cache_dir={cache_dir}"]
     with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"paths.output_dir={folder}", *overrides], return_hydra_config=True)
     fit(cfg, task="distill")
-    cache = PretrainedCache(cache_dir, cfg.data, build_data(cfg, cfg.student), "cpu")
+    cache = AutoWeights(cache_dir, cfg.data, build_data(cfg, cfg.student), "cpu")
     models = [f"{role}.weights={cache.path_for(cfg[role])}" for role in ("teacher", "student")]
     return folder, overrides, models
 

@@ -5,8 +5,10 @@ import pytest
 from hydra.utils import instantiate
 
 from kd.module import DistillationModule
-from kd.tasks.common import build_data, build_student, build_teacher, optimizer_factory
-from kd.tasks.pretrain import PretrainedCache
+from kd.students.build import build_student
+from kd.tasks.auto_weights import AutoWeights
+from kd.tasks.common import build_data, optimizer_factory
+from kd.teachers.build import build_teacher
 from tests.conftest import FAST
 
 
@@ -29,9 +31,9 @@ def expected_lr(step, base, warmup, total, min_lr):
 def test_lr_follows_warmup_then_cosine_per_step(make_cfg, tmp_path):
     cfg = make_cfg(*FAST, "trainer.max_epochs=4", "sched.warmup_epochs=1", "sched.min_lr=0.001", "optim.lr=0.2")
     data = build_data(cfg, cfg.student)
-    obtain = PretrainedCache(cfg.paths.cache_dir, cfg.data, data, "cpu")
+    obtain = AutoWeights(cfg.paths.cache_dir, cfg.data, data, "cpu")
     module = DistillationModule(
-        build_student(cfg, 10, obtain),
+        build_student(cfg.student, 10, obtain),
         instantiate(cfg.loss),
         optimizer_factory(cfg),
         instantiate(cfg.sched),

@@ -107,7 +107,7 @@ def explode(cfg):
 
 
 def test_a_crashing_job_records_its_exception_and_returns(make_cfg, tmp_path, caplog):
-    from kd.cli import run_task
+    from kd.launch.run import run_task
 
     cfg = make_cfg("hydra.mode=MULTIRUN", "seed=3")
     cfg.task = {"_target_": "tests.test_sweep.explode", "_partial_": True}

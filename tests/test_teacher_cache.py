@@ -17,12 +17,14 @@ from hydra.utils import instantiate
 
 from kd.errors import KdError
 from kd.module import DistillationModule
-from kd.tasks.cache_teacher import cache_teacher, epochs_to_cover, open_teacher_cache, planned_trainer
-from kd.tasks.common import build_data, build_teacher
-from kd.tasks.pretrain import PretrainedCache
+from kd.tasks.auto_weights import AutoWeights
+from kd.tasks.cache_teacher import cache_teacher
+from kd.tasks.common import build_data
 from kd.tasks.train import fit
 from kd.teachers import FrozenTeacher
+from kd.teachers.build import build_teacher
 from kd.teachers.cache import decode, encode, resolve_topk
+from kd.teachers.fill import epochs_to_cover, open_teacher_cache, planned_trainer
 from tests.conftest import FAST, ROOT, run_cli
 
 # Short runs: 2 epochs of 4 steps, enough to see every step's loss move.
@@ -181,7 +183,7 @@ def test_a_feature_loss_with_a_teacher_cache_is_refused_before_any_work(make_cfg
 
 def open_cache(cfg, epochs=1, change=None, world_size=1):
     data = build_data(cfg, cfg.student)
-    teacher = build_teacher(cfg, data.num_classes, PretrainedCache(cfg.paths.cache_dir, cfg.data, data, "cpu"))
+    teacher = build_teacher(cfg, data.num_classes, AutoWeights(cfg.paths.cache_dir, cfg.data, data, "cpu"))
     if change == "teacher":  # the same architecture and weights source, one weight moved by 1e-3
         with torch.no_grad():
             next(teacher.model.parameters())[0].add_(1e-3)
@@ -243,7 +245,7 @@ KILL_WHILE_WRITING = textwrap.dedent(
     """
     import os, signal, sys
     from hydra import compose, initialize_config_dir
-    from kd.config import CONF_DIR, register_models
+    from kd.launch.configs import CONF_DIR, register_models
     from kd.tasks.cache_teacher import cache_teacher
     from kd.teachers.cache import TeacherOutputStore
 

@@ -15,9 +15,10 @@ from kd.data.digits import DigitsData
 from kd.data.mixup import BatchMixup
 from kd.errors import KdError
 from kd.losses import HintonKD
-from kd.models.build import build_classifier
 from kd.module import DistillationModule
+from kd.students.build import build_student
 from kd.tasks.common import optimizer_factory
+from kd.teachers.build import build_teacher_model
 from tests.conftest import run_cli
 from tests.tiny_models import tiny_student, tiny_teacher
 
@@ -157,26 +158,26 @@ def last_bn_weights(net: nn.Module) -> torch.Tensor:
 
 def test_zero_init_last_bn_is_a_real_switch_for_students_from_scratch(make_cfg):
     cfg = make_cfg("student=resnet18", "student.weights=none", "student.zero_init_last_bn=true")
-    assert torch.count_nonzero(last_bn_weights(build_classifier(cfg.student, 10, "student").net)) == 0
+    assert torch.count_nonzero(last_bn_weights(build_student(cfg.student, 10).net)) == 0
     # Off by default: PyTorch's gamma = 1, although timm alone would have started these at 0.
     assert torch.count_nonzero(last_bn_weights(instantiate(cfg.student.arch).build(10))) == 0
     cfg = make_cfg("student=resnet18", "student.weights=none")
-    weights = last_bn_weights(build_classifier(cfg.student, 10, "student").net)
+    weights = last_bn_weights(build_student(cfg.student, 10).net)
     assert torch.equal(weights, torch.ones_like(weights))
-    other_bn = build_classifier(cfg.student, 10, "student").net.layer1[0].bn1.weight
+    other_bn = build_student(cfg.student, 10).net.layer1[0].bn1.weight
     assert torch.equal(other_bn, torch.ones_like(other_bn))
 
 
 def test_zero_init_last_bn_refuses_what_it_cannot_do(make_cfg):
     digits_from_scratch = make_cfg("student.weights=none", "student.zero_init_last_bn=true")
     with pytest.raises(KdError, match="student digits_student has no residual blocks"):
-        build_classifier(digits_from_scratch.student, 10, "student")
+        build_student(digits_from_scratch.student, 10)
     loaded = make_cfg("student=resnet18", "student.zero_init_last_bn=true")
     with pytest.raises(KdError, match="student.weights=pretrained loads weights"):
-        build_classifier(loaded.student, 10, "student")
+        build_student(loaded.student, 10)
     teacher = make_cfg("teacher=resnet18", "teacher.weights=none", "+teacher.zero_init_last_bn=true")
     with pytest.raises(KdError, match="applies to a student trained from scratch only"):
-        build_classifier(teacher.teacher, 10, "teacher")
+        build_teacher_model(teacher.teacher, 10)
 
 
 @pytest.mark.parametrize("option", ["ce", "kd", "dkd", "dist", "dml", "fitnet"])

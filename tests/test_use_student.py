@@ -16,11 +16,11 @@ from PIL import Image
 from safetensors.torch import load_file
 from sklearn.datasets import load_digits
 
-from kd.card import CHECKPOINT_KEY, StudentCard, read_card
-from kd.config import CONF_DIR
 from kd.errors import KdError
-from kd.export import check_matches
-from kd.models.build import build_classifier
+from kd.launch.configs import CONF_DIR
+from kd.students.build import build_student
+from kd.students.card import CHECKPOINT_KEY, StudentCard, read_card
+from kd.students.export import check_matches
 from kd.tasks.evaluate import evaluate
 from kd.tasks.export import export
 from kd.tasks.predict import predict
@@ -66,7 +66,7 @@ def test_every_training_run_saves_the_student_with_its_card(distilled, cache_dir
     assert saved.keys() == in_checkpoint.keys()
     assert all(torch.equal(saved[k], in_checkpoint[k]) for k in saved)
     cfg = compose_cfg(tmp_path, cache_dir, f"student.weights={distilled / 'student.safetensors'}")
-    reloaded = build_classifier(cfg.student, 10, "student").net.state_dict()
+    reloaded = build_student(cfg.student, 10).net.state_dict()
     assert all(torch.equal(reloaded[k], saved[k]) for k in saved)
     assert read_card(distilled / "student.safetensors") == read_card(distilled / "checkpoints" / "last.ckpt")
 
@@ -125,7 +125,7 @@ def test_predict_gives_the_classes_the_student_predicts_in_process(distilled, ca
     cfg.predict.inputs = str(tmp_path / "digits")
     predict(cfg)
 
-    student = build_classifier(cfg.student, 10, "student").eval()
+    student = build_student(cfg.student, 10).eval()
     with torch.inference_mode():
         expected = student(images).softmax(dim=1).topk(5, dim=1)
     with open(tmp_path / "out" / "predictions.csv") as f:
@@ -172,7 +172,7 @@ def test_export_round_trips_every_format(distilled, cache_dir, tmp_path):
     exported, original = load_file(files["safetensors"]), load_file(weights)
     assert exported.keys() == original.keys() and all(torch.equal(exported[k], original[k]) for k in original)
 
-    student = build_classifier(cfg.student, 10, "student").eval()
+    student = build_student(cfg.student, 10).eval()
     session = onnxruntime.InferenceSession(str(files["onnx"]), providers=["CPUExecutionProvider"])
     scripted = torch.jit.load(str(files["torchscript"]))
     for batch_size in (2, 7):
@@ -198,7 +198,7 @@ def test_export_checks_formats_before_any_work(cache_dir, tmp_path):
 
 def test_an_export_that_differs_from_pytorch_is_refused(distilled, cache_dir, tmp_path):
     cfg = compose_cfg(tmp_path, cache_dir, f"student.weights={distilled / 'student.safetensors'}")
-    student = build_classifier(cfg.student, 10, "student").eval()
+    student = build_student(cfg.student, 10).eval()
     card = StudentCard.from_dict(json.loads((distilled / "student.json").read_text()))
     check_matches(lambda x: student(x).detach(), student, card, "onnx")  # identical: accepted
     with pytest.raises(KdError, match="differs from PyTorch by up to 0.001"):

@@ -11,10 +11,11 @@ import torchvision
 from omegaconf import OmegaConf
 from safetensors.torch import save_file
 
-from kd.config import CONF_DIR
 from kd.errors import KdError
+from kd.launch.configs import CONF_DIR
 from kd.models import TimmArch, TorchvisionArch
-from kd.models.build import build_classifier
+from kd.students.build import build_student
+from kd.teachers.build import build_teacher_model
 from tests.conftest import run_cli
 
 NUM_CLASSES = 100
@@ -28,7 +29,7 @@ def zoo_cfg(name: str, weights=None):
 
 def random_state(name: str, seed: int) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
-    net = build_classifier(zoo_cfg(name), NUM_CLASSES, "student").net
+    net = build_student(zoo_cfg(name), NUM_CLASSES).net
     with torch.no_grad():
         for module in net.modules():
             if isinstance(module, torch.nn.BatchNorm2d):  # buffers too, so every key is checked
@@ -64,7 +65,7 @@ def write(path, state):
 def test_each_local_format_loads_back_bit_exactly(tmp_path, suffix):
     state = random_state("resnet8x4", seed=1)
     path = write(tmp_path / f"resnet8x4{suffix}", state)
-    loaded = build_classifier(zoo_cfg("resnet8x4", path), NUM_CLASSES, "student").net.state_dict()
+    loaded = build_student(zoo_cfg("resnet8x4", path), NUM_CLASSES).net.state_dict()
     assert loaded.keys() == state.keys()
     for key, value in state.items():
         assert loaded[key].dtype == value.dtype and torch.equal(loaded[key], value), key
@@ -75,7 +76,7 @@ def test_a_truncated_file_says_it_is_truncated(tmp_path, suffix):
     path = write(tmp_path / f"resnet8x4{suffix}", random_state("resnet8x4", seed=1))
     path.write_bytes(path.read_bytes()[: path.stat().st_size * 2 // 3])
     with pytest.raises(KdError, match=rf"weights file {path} is truncated \(.*\); copy or save it again$"):
-        build_classifier(zoo_cfg("resnet8x4", path), NUM_CLASSES, "student")
+        build_student(zoo_cfg("resnet8x4", path), NUM_CLASSES)
 
 
 @pytest.mark.parametrize(
@@ -96,7 +97,7 @@ def test_a_corrupt_file_says_it_is_corrupt(tmp_path, suffix, damage, says):
         data[10:40] = b"\xff" * 30
     path.write_bytes(bytes(data))
     with pytest.raises(KdError) as error:
-        build_classifier(zoo_cfg("resnet8x4", path), NUM_CLASSES, "student")
+        build_student(zoo_cfg("resnet8x4", path), NUM_CLASSES)
     message = str(error.value)
     assert message.startswith(f"weights file {path} {says}") and "\n" not in message
 
@@ -104,24 +105,24 @@ def test_a_corrupt_file_says_it_is_corrupt(tmp_path, suffix, damage, says):
 def test_a_file_of_another_architecture_names_the_keys(tmp_path):
     narrow = write(tmp_path / "resnet8.pth", random_state("resnet8", seed=2))  # same names, other widths
     with pytest.raises(KdError) as error:
-        build_classifier(zoo_cfg("resnet8x4", narrow), NUM_CLASSES, "student")
+        build_student(zoo_cfg("resnet8x4", narrow), NUM_CLASSES)
     message = str(error.value)
     assert "do not fit this architecture (missing keys layer1.0.downsample.0.weight, " in message
     assert "; shape mismatch in bn1.bias (16,) vs (32,), " in message
     deeper = write(tmp_path / "resnet20.safetensors", random_state("resnet20", seed=3))
     with pytest.raises(KdError, match=r"\(unexpected keys layer1\.1\.bn1\.bias, .* pass weights saved from the same"):
-        build_classifier(zoo_cfg("resnet8", deeper), NUM_CLASSES, "student")
+        build_student(zoo_cfg("resnet8", deeper), NUM_CLASSES)
 
 
 def test_a_student_with_another_class_count_gets_a_new_classifier(tmp_path, caplog):
     state = random_state("resnet8x4", seed=4)
     path = write(tmp_path / "resnet8x4.safetensors", state)
     with caplog.at_level("INFO"):
-        net = build_classifier(zoo_cfg("resnet8x4", path), 10, "student").net
+        net = build_student(zoo_cfg("resnet8x4", path), 10).net
     assert "with a new 10-class classifier" in caplog.text
     assert torch.equal(net.layer3[0].conv1.weight, state["layer3.0.conv1.weight"])
     with pytest.raises(KdError, match="were trained for another number of classes than the dataset's 10"):
-        build_classifier(zoo_cfg("resnet8x4", path), 10, "teacher")
+        build_teacher_model(zoo_cfg("resnet8x4", path), 10)
 
 
 def test_truncated_teacher_file_stops_the_run_with_one_line(tmp_path, cache_dir):
@@ -182,7 +183,7 @@ def test_torchvision_weights_are_named_as_torchvision_names_them(monkeypatch, na
     torch.manual_seed(6)
     published = torchvision.models.shufflenet_v2_x1_0().eval()
     published_weights(monkeypatch, published)
-    model = build_classifier(zoo_cfg("shufflenet_v2_x1_0", name), 1000, "teacher").eval()
+    model = build_teacher_model(zoo_cfg("shufflenet_v2_x1_0", name), 1000).eval()
     assert all(torch.equal(v, published.state_dict()[k]) for k, v in model.net.state_dict().items())
 
 
@@ -191,7 +192,7 @@ def test_torchvision_weights_load_into_the_zoo_googlenet(monkeypatch):
     torch.manual_seed(5)
     published = torchvision.models.GoogLeNet(aux_logits=True, transform_input=True, init_weights=True).eval()
     published_weights(monkeypatch, published)
-    model = build_classifier(zoo_cfg("googlenet", "pretrained"), 1000, "teacher").eval()
+    model = build_teacher_model(zoo_cfg("googlenet", "pretrained"), 1000).eval()
     images = torch.rand(1, 3, 64, 64)
     with torch.inference_mode():
         assert torch.equal(model.net(images), published(images))

@@ -12,8 +12,9 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from kd.config import CONF_DIR, register_models
-from kd.models.build import build_classifier
+from kd.launch.configs import CONF_DIR, register_models
+from kd.students.build import build_student
+from kd.teachers.build import build_teacher_model
 from kd.zoo import describe, model_names, table
 from tests.conftest import ROOT
 
@@ -128,8 +129,8 @@ def test_each_model_normalizes_with_its_own_statistics():
     teacher_cfg = OmegaConf.load(CONF_DIR / "model" / "googlenet.yaml")
     student_cfg = OmegaConf.load(CONF_DIR / "model" / "resnet8x4.yaml")
     teacher_cfg.weights = student_cfg.weights = None
-    teacher = build_classifier(teacher_cfg, 100, "teacher")
-    student = build_classifier(student_cfg, 100, "student")
+    teacher = build_teacher_model(teacher_cfg, 100)
+    student = build_student(student_cfg, 100)
     assert teacher.mean.flatten().tolist() == pytest.approx([0.485, 0.456, 0.406])
     assert student.mean.flatten().tolist() == pytest.approx([0.5071, 0.4867, 0.4408])
     assert student.std.flatten().tolist() == pytest.approx([0.2675, 0.2565, 0.2761])

@@ -8,7 +8,6 @@ from torch import nn
 
 if TYPE_CHECKING:
     from kd.models import Classifier
-    from kd.teachers import FrozenTeacher
 
 
 @dataclass(frozen=True)
@@ -57,8 +56,9 @@ class DistillationLoss(nn.Module):
         super().__init__()
         self.last_terms: dict[str, torch.Tensor] = {}
 
-    def bind(self, student: Classifier, teacher: FrozenTeacher | None) -> None:
-        """Called once by the module before training, with the models this loss will compare."""
+    def bind(self, student: Classifier, teacher: nn.Module | None) -> None:
+        """Called once by the module before training, with the models this loss will compare (the teacher is
+        a ``kd.teachers.FrozenTeacher``: ``forward_with_features`` and ``feature_info`` like a Classifier)."""
 
     def start_epoch(self, epoch: int) -> None:
         """Called by the module at the start of every training epoch (0-based)."""

@@ -1,7 +1,8 @@
 """Architectures: a recipe that builds a network for a class count, and knows its preprocessing.
 
 Each backend (timm, torchvision, our own small networks) also knows which published weights it can
-fetch by name, so ``weights=<name>`` needs no if/else on the backend anywhere else.
+fetch by name and fetches them with its own library, so ``weights=<name>`` needs no if/else on the
+backend anywhere else (``kd.weights.sources`` decides that a name is a published source at all).
 """
 
 from __future__ import annotations
@@ -109,8 +110,6 @@ class TimmArch:
         return sorted(tags, key=lambda tag: tag != default)
 
     def pretrained_state(self, name: str) -> tuple[dict[str, torch.Tensor], Preprocessing]:
-        from kd.teachers.weights import timm_pretrained_state
-
         if self.kwargs:
             raise KdError(
                 f"timm has no published weights for {self.id} (its arguments change the architecture); "
@@ -175,8 +174,6 @@ class TorchvisionArch:
         return sorted((w.name for w in enum), key=lambda name: name != enum.DEFAULT.name)
 
     def pretrained_state(self, name: str) -> tuple[dict[str, torch.Tensor], Preprocessing]:
-        from kd.teachers.weights import torchvision_pretrained_state
-
         enum = self._weights_enum()
         short = name.split(".")[-1]  # AlexNet_Weights.IMAGENET1K_V1 or IMAGENET1K_V1
         if name != PRETRAINED and short not in enum.__members__:
@@ -242,3 +239,42 @@ class ModuleArch:
             f"{self.id} has no published weights named '{name}'; pass weights=auto (train once and cache), "
             "a local weights file, or none"
         )
+
+
+# --- published weights, fetched by each backend's own library ----------------------------------------
+
+
+def download_failed(what: str, error: BaseException) -> KdError:
+    first_line = (str(error).splitlines() or [""])[0][:120]
+    return KdError(
+        f"{what} could not be downloaded ({type(error).__name__}: {first_line}); download them where a network "
+        "is available and pass the local file as weights=/path/to/file.safetensors"
+    )
+
+
+def timm_pretrained_state(tag: str, in_chans: int = 3) -> tuple[dict[str, torch.Tensor], dict]:
+    """Download (or read from timm's cache) the pretrained weights named by a timm tag."""
+    import timm
+
+    try:
+        model = timm.create_model(tag, pretrained=True, in_chans=in_chans)
+    except RuntimeError as error:
+        if "Unknown model" in str(error) or "Invalid pretrained tag" in str(error):
+            raise KdError(
+                f"'{tag}' is not a timm model or weights tag; see timm.list_pretrained() for valid tags"
+            ) from None
+        raise download_failed(f"timm weights '{tag}'", error) from None
+    except (OSError, ConnectionError, ValueError) as error:
+        raise download_failed(f"timm weights '{tag}'", error) from None
+    return model.state_dict(), model.pretrained_cfg
+
+
+def torchvision_pretrained_state(model_name: str, weights) -> dict[str, torch.Tensor]:
+    """Download (or read from torch hub's cache) torchvision weights; the builder sets what they need."""
+    import torchvision
+
+    try:
+        model = torchvision.models.get_model(model_name, weights=weights)
+    except (OSError, RuntimeError, ValueError) as error:  # urllib's URLError is an OSError
+        raise download_failed(f"torchvision weights {model_name} {weights.name}", error) from None
+    return model.state_dict()

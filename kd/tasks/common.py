@@ -1,4 +1,4 @@
-"""What every task shares: building data, models, trainer and loggers from the config; results."""
+"""What every task shares: building data, models, optimizer, trainer and loggers from the config."""
 
 from __future__ import annotations
 
@@ -8,30 +8,24 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
-from kd.callbacks import EpochLine
 from kd.data import ClassificationData
 from kd.errors import KdError
-from kd.io import write_json_atomic
 from kd.models import Classifier
-from kd.models.build import ObtainWeights, build_classifier
-from kd.optim import OptimizerRecipe
-from kd.teachers import FrozenTeacher
+from kd.results.callbacks import EpochLine
+from kd.students.build import build_student
+from kd.students.card import StudentCard
+from kd.students.trained import trained_student
+from kd.tasks.auto_weights import auto_weights
+from kd.teachers.build import build_teacher
+from kd.teachers.frozen import FrozenTeacher
+from kd.training.optim import OptimizerRecipe
+from kd.weights.sources import ObtainAuto, resolve
 
 log = logging.getLogger("kd")
-
-
-def choices(cfg: DictConfig) -> dict[str, str]:
-    """The config-group options this run was composed from (``teacher=resnet152_vd`` -> resnet152_vd)."""
-    try:
-        chosen = HydraConfig.get().runtime.choices
-    except ValueError:  # composed without @hydra.main (tests): compose(..., return_hydra_config=True)
-        chosen = OmegaConf.select(cfg, "hydra.runtime.choices") or {}
-    return {key: str(value) for key, value in dict(chosen).items() if not key.startswith("hydra")}
 
 
 def output_dir(cfg: DictConfig) -> Path:
@@ -50,13 +44,11 @@ def output_dir(cfg: DictConfig) -> Path:
 
 def build_data(cfg: DictConfig, student_cfg: DictConfig) -> ClassificationData:
     """Instantiate the data module; image size, interpolation and crop left null follow the student."""
-    from kd.models.build import instantiate_arch
-
     data_cfg = cfg.data
     follow = [key for key in ("image_size", "interpolation", "crop_pct") if key in data_cfg and data_cfg[key] is None]
     overrides: dict[str, Any] = {}
     if follow:
-        preprocessing = instantiate_arch(student_cfg).preprocessing()
+        preprocessing = instantiate(student_cfg.arch).preprocessing()
         student_view = {
             "image_size": preprocessing.input_size[-1],
             "interpolation": preprocessing.interpolation,
@@ -71,45 +63,30 @@ def build_data(cfg: DictConfig, student_cfg: DictConfig) -> ClassificationData:
     return data
 
 
-def has_teacher(cfg: DictConfig) -> bool:
-    """False when the run was told to go without one (``~teacher`` on the command line)."""
-    return cfg.get("teacher") is not None and cfg.teacher.get("arch") is not None
-
-
-def build_teacher(cfg: DictConfig, num_classes: int, obtain_auto: ObtainWeights | None) -> FrozenTeacher:
-    if not has_teacher(cfg):
-        raise KdError("this task needs a teacher but ~teacher removed it; choose one with teacher=NAME")
-    model = build_classifier(cfg.teacher, num_classes, "teacher", obtain_auto)
-    return FrozenTeacher(
-        model,
-        bn_train_mode=bool(cfg.teacher.get("bn_train_mode", False)),
-        channels_last=bool(cfg.teacher.get("channels_last", True)),
-        compile=bool(cfg.teacher.get("compile", False)),
-    )
-
-
-def build_student(cfg: DictConfig, num_classes: int, obtain_auto: ObtainWeights | None) -> Classifier:
-    return build_classifier(cfg.student, num_classes, "student", obtain_auto)
-
-
 def build_models(
-    cfg: DictConfig, num_classes: int, obtain_auto: ObtainWeights | None, with_teacher: bool
+    cfg: DictConfig, num_classes: int, obtain_auto: ObtainAuto | None, with_teacher: bool
 ) -> tuple[FrozenTeacher | None, Classifier]:
     """Models whose weights are given (a file, a tag, none) are loaded first, so a bad file stops the run
     before ``weights: auto`` spends minutes training the other model."""
+    builders = {
+        "teacher": lambda: build_teacher(cfg, num_classes, obtain_auto),
+        "student": lambda: build_student(cfg.student, num_classes, obtain_auto),
+    }
     roles = ("teacher", "student") if with_teacher else ("student",)
-    built: dict[str, Any] = {}
-    for role in sorted(roles, key=lambda r: str(cfg[r].get("weights")) == "auto"):
-        build = build_teacher if role == "teacher" else build_student
-        built[role] = build(cfg, num_classes, obtain_auto)
-    teacher = built.get("teacher")
-    if teacher is not None and str(cfg.teacher.get("weights")) in ("None", "", "none", "null"):
-        log.warning(
-            "teacher %s has no weights (teacher.weights=none): a random teacher has nothing to teach, "
-            "which only makes sense for smoke tests and benchmarks",
-            cfg.teacher.get("name"),
-        )
-    return teacher, built["student"]
+    auto_last = sorted(roles, key=lambda role: resolve(cfg[role].get("weights")).kind == "auto")
+    built = {role: builders[role]() for role in auto_last}
+    return built.get("teacher"), built["student"]
+
+
+def trained_student_of(cfg: DictConfig, data: ClassificationData | None = None) -> tuple[Classifier, StudentCard]:
+    """``cfg.student`` as eval, predict and export use it: its weights as they are, with its card. Weights
+    ``auto`` are trained (or found in the cache) on the run's data first."""
+    student_cfg = cfg.student
+    if resolve(student_cfg.get("weights")).kind == "auto":
+        data = data or build_data(cfg, cfg.student)
+        path = auto_weights(cfg, data)(cfg.student, "student")
+        student_cfg = OmegaConf.merge(cfg.student, {"weights": str(path)})
+    return trained_student(student_cfg, data, lambda: build_data(cfg, cfg.student))
 
 
 def optimizer_factory(cfg: DictConfig) -> OptimizerRecipe:
@@ -148,20 +125,3 @@ def resolved_config(cfg: DictConfig) -> dict[str, Any]:
 def validate(trainer: L.Trainer, module: L.LightningModule, data: ClassificationData) -> dict[str, float]:
     [metrics] = trainer.validate(module, datamodule=data, verbose=False)
     return {key: float(value) for key, value in metrics.items()}
-
-
-def write_results(out: Path, cfg: DictConfig, task: str, **extra: Any) -> Path:
-    chosen = choices(cfg)
-    results = {
-        "task": task,
-        **({"teacher": chosen.get("teacher")} if task in ("distill", "eval") else {}),
-        "student": chosen.get("student"),
-        **({"loss": chosen.get("loss")} if task in ("distill", "train") else {}),
-        "data": chosen.get("data"),
-        "seed": cfg.seed,
-        **extra,
-        "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
-    }
-    path = write_json_atomic(out / "results.json", results)
-    log.info("results written to %s", path)
-    return path

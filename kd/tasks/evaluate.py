@@ -13,9 +13,11 @@ from omegaconf import DictConfig
 
 from kd.losses import LabelCrossEntropy
 from kd.module import DistillationModule
-from kd.report import EVAL_ROWS, print_summary
-from kd.tasks.common import build_data, build_teacher, build_trainer, has_teacher, output_dir, validate, write_results
-from kd.tasks.trained import pretrained_cache, trained_student
+from kd.results.files import write_results
+from kd.results.report import EVAL_ROWS, print_summary
+from kd.tasks.auto_weights import auto_weights
+from kd.tasks.common import build_data, build_trainer, output_dir, trained_student_of, validate
+from kd.teachers.build import build_teacher, has_teacher
 
 log = logging.getLogger("kd")
 
@@ -25,10 +27,10 @@ def evaluate(cfg: DictConfig) -> dict:
     L.seed_everything(cfg.seed, verbose=False)  # models with weights=none start from this seed
     out = output_dir(cfg)
     data = build_data(cfg, cfg.student)
-    # The teacher first, as in distillation (kd.tasks.common.build_models): models with weights=none then get
+    # The teacher first, as in distillation (``kd.tasks.common.build_models``): models with weights=none then get
     # the same random initialization as in a distillation run of the same seed.
-    teacher = build_teacher(cfg, data.num_classes, pretrained_cache(cfg, data)) if has_teacher(cfg) else None
-    student, card = trained_student(cfg, data)
+    teacher = build_teacher(cfg, data.num_classes, auto_weights(cfg, data)) if has_teacher(cfg) else None
+    student, card = trained_student_of(cfg, data)
     extra = {}
     if teacher is not None:
         extra["teacher_fingerprint"] = teacher.start_fingerprint

@@ -7,9 +7,9 @@ import time
 from omegaconf import DictConfig, ListConfig
 
 from kd.errors import KdError
-from kd.export import check_formats, export_student
-from kd.tasks.common import output_dir, write_results
-from kd.tasks.trained import trained_student
+from kd.results.files import write_results
+from kd.students.export import check_formats, export_student
+from kd.tasks.common import output_dir, trained_student_of
 
 
 def export(cfg: DictConfig) -> dict:
@@ -22,7 +22,7 @@ def export(cfg: DictConfig) -> dict:
         raise KdError(f"export.formats={formats} must be a list such as export.formats=[safetensors,onnx]")
     formats = check_formats(formats)  # before any work
     out = output_dir(cfg)
-    student, card = trained_student(cfg)
+    student, card = trained_student_of(cfg)
     written = export_student(student, card, settings.dir, formats, settings.name)
     results = {
         "metrics": {},

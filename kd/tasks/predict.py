@@ -23,8 +23,8 @@ from torchvision.transforms import v2 as T
 from kd.errors import KdError
 from kd.io import write_atomic
 from kd.models import Preprocessing
-from kd.tasks.common import output_dir, write_results
-from kd.tasks.trained import trained_student
+from kd.results.files import write_results
+from kd.tasks.common import output_dir, trained_student_of
 
 log = logging.getLogger("kd")
 
@@ -114,7 +114,7 @@ def predict(cfg: DictConfig) -> dict:
     if settings.top_k < 1 or settings.batch_size < 1:
         raise KdError(f"predict.top_k={settings.top_k} and predict.batch_size={settings.batch_size} must be at least 1")
     out = output_dir(cfg)
-    student, card = trained_student(cfg)
+    student, card = trained_student_of(cfg)
     k = min(settings.top_k, card.num_classes)
     loader = DataLoader(
         ImageFiles(files, card.preprocessing), batch_size=settings.batch_size, num_workers=settings.num_workers

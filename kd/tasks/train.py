@@ -9,24 +9,17 @@ import lightning as L
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from kd.callbacks import TrainThroughput, ValidationHistory
-from kd.card import CardInCheckpoint, card_for
-from kd.checks import check_before_work
-from kd.export import export_student
 from kd.module import DistillationModule
-from kd.report import print_summary
-from kd.resume import ResumePoint
-from kd.tasks.cache_teacher import cached_teacher
-from kd.tasks.common import (
-    build_data,
-    build_models,
-    build_trainer,
-    optimizer_factory,
-    output_dir,
-    validate,
-    write_results,
-)
-from kd.tasks.pretrain import PretrainedCache
+from kd.results.callbacks import TrainThroughput, ValidationHistory
+from kd.results.files import write_results
+from kd.results.report import print_summary
+from kd.students.card import CardInCheckpoint, card_for
+from kd.students.export import export_student
+from kd.tasks.auto_weights import auto_weights
+from kd.tasks.checks import check_before_work
+from kd.tasks.common import build_data, build_models, build_trainer, optimizer_factory, output_dir, validate
+from kd.teachers.fill import teacher_for_run
+from kd.training.resume import ResumePoint
 
 log = logging.getLogger("kd")
 
@@ -54,11 +47,9 @@ def fit(cfg: DictConfig, task: str) -> dict:
     check_before_work(cfg, data, loss, scheduler, trainer)
     resume = ResumePoint.find(cfg.get("ckpt_path"), trainer)
 
-    obtain_auto = PretrainedCache(cfg.paths.cache_dir, cfg.data, data, cfg.trainer.get("accelerator", "auto"))
-    teacher, student = build_models(cfg, data.num_classes, obtain_auto, with_teacher=task == "distill")
-    if teacher is not None and cfg.teacher.get("cache") and loss.uses_teacher:
-        # Filled here, before Lightning starts any extra DDP process; the training step reads stored outputs.
-        teacher = cached_teacher(cfg, teacher, data, mixup, trainer)
+    teacher, student = build_models(cfg, data.num_classes, auto_weights(cfg, data), with_teacher=task == "distill")
+    if teacher is not None:  # the frozen teacher, or its outputs stored in teacher.cache (filled here)
+        teacher = teacher_for_run(cfg, teacher, loss, data, mixup, trainer)
     # Seeded before the module: losses build their trainable parts (feature adapters) in it.
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = DistillationModule(student, loss, optimizer, scheduler, data.num_classes, teacher, mixup)

@@ -289,7 +289,7 @@ class CachedTeacher(nn.Module):
 
     ``lookup(view_ids)`` (the training step) reads the stored logits of those views and never runs the
     network; ``teacher(images)`` (validation, evaluation) runs the real teacher. Stored are logits only:
-    feature losses are refused with a cache (``kd.checks.check_teacher_cache``).
+    feature losses are refused with a cache (``kd.teachers.fill.check_teacher_cache``).
     """
 
     def __init__(self, teacher: FrozenTeacher, store: TeacherOutputStore) -> None:

@@ -20,15 +20,15 @@ from filelock import FileLock
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
-from kd.card import card_for
 from kd.data import ClassificationData
 from kd.errors import KdError
-from kd.export import write_safetensors
 from kd.io import write_json_atomic
 from kd.losses import LabelCrossEntropy
 from kd.models import Classifier
 from kd.module import DistillationModule
-from kd.schedule import warmup_cosine
+from kd.students.card import card_for
+from kd.students.export import write_safetensors
+from kd.training.schedule import warmup_cosine
 
 log = logging.getLogger("kd")
 
@@ -36,7 +36,10 @@ log = logging.getLogger("kd")
 DATA_KEYS_IGNORED = ("num_workers", "eval_batch_size")
 
 
-class PretrainedCache:
+class AutoWeights:
+    """``weights: auto`` for one run's data: called with a model config and role, it gives the file of that
+    model trained on the data (training it first, once, when no cached file fits)."""
+
     def __init__(
         self, cache_dir: str | Path, data_cfg: DictConfig, data: ClassificationData, accelerator: str = "auto"
     ) -> None:
@@ -120,3 +123,8 @@ class PretrainedCache:
             },
         )
         return top1, seconds
+
+
+def auto_weights(cfg: DictConfig, data: ClassificationData) -> AutoWeights:
+    """The ``weights: auto`` source of a run: its cache folder, data and accelerator."""
+    return AutoWeights(cfg.paths.cache_dir, cfg.data, data, cfg.trainer.get("accelerator", "auto"))

@@ -16,11 +16,10 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from kd.config import CONF_DIR
 from kd.errors import KdError
-from kd.io import write_atomic
-from kd.teachers import paddle
-from kd.teachers.weights import check_exists, load_into
+from kd.io import CONF_DIR, write_atomic
+from kd.weights import paddle
+from kd.weights.files import check_exists, load_into
 
 
 def zoo_arch(name: str):

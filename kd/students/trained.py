@@ -3,46 +3,38 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from kd.card import StudentCard, card_for, read_card
 from kd.data import ClassificationData
 from kd.errors import KdError
 from kd.models import Classifier
-from kd.models.build import build_classifier
-from kd.tasks.common import build_data
-from kd.tasks.pretrain import PretrainedCache
-from kd.teachers.weights import is_local_file
+from kd.students.build import build_student
+from kd.students.card import StudentCard, card_for, read_card
+from kd.weights.sources import is_local_file
 
 log = logging.getLogger("kd")
 
 
-def pretrained_cache(cfg: DictConfig, data: ClassificationData) -> PretrainedCache:
-    return PretrainedCache(cfg.paths.cache_dir, cfg.data, data, cfg.trainer.get("accelerator", "auto"))
+def trained_student(
+    student_cfg: DictConfig, data: ClassificationData | None, build_data: Callable[[], ClassificationData]
+) -> tuple[Classifier, StudentCard]:
+    """Build ``student_cfg`` from its weights (never with a new classifier) and find its card.
 
-
-def trained_student(cfg: DictConfig, data: ClassificationData | None = None) -> tuple[Classifier, StudentCard]:
-    """Build ``cfg.student`` from its weights (never with a new classifier) and find its card.
-
-    The class names and preprocessing come from the card stored with the weights; ``cfg.data`` is
-    only built when the weights carry none (or are ``auto``, which needs the data to train them).
+    The class names and preprocessing come from the card stored with the weights; the data (``data``,
+    or ``build_data()`` when not built yet) is only needed when the weights carry no card.
     """
-    student_cfg = cfg.student
-    if student_cfg.get("weights") == "auto":
-        data = data or build_data(cfg, cfg.student)
-        path = pretrained_cache(cfg, data)(cfg.student, "student")
-        student_cfg = OmegaConf.merge(cfg.student, {"weights": str(path)})
     weights = str(student_cfg.get("weights"))
     card = read_card(weights) if is_local_file(weights) else None
     if card is None:
-        data = data or build_data(cfg, cfg.student)
+        data = data or build_data()
     elif data is not None:
         check_same_classes(card, data, weights)
     class_names = card.class_names if card else data.class_names
-    student = build_classifier(student_cfg, len(class_names), "student", allow_new_head=False)
+    student = build_student(student_cfg, len(class_names), new_head=False)
     if card is None:
-        card = card_for(student, data, model=cfg.student.get("name"))
+        card = card_for(student, data, model=student_cfg.get("name"))
         log.info("student.weights=%s store no class names; using the %d classes of the data", weights, len(class_names))
     return Classifier(student.net, card.preprocessing), card
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+from kd.io import CONF_DIR
 
 
 def register_models(conf_dir: Path = CONF_DIR) -> list[str]:

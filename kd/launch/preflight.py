@@ -17,8 +17,8 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ValueType
 from hydra.errors import HydraException
 
-from kd.config import CONF_DIR
 from kd.errors import KdError
+from kd.launch.configs import CONF_DIR
 
 MODEL_ROLES = ("teacher", "student")  # both offered from conf/model/ (kd.config.register_models)
 OUTPUT_FOLDERS = ("hydra.run.dir", "hydra.sweep.dir")

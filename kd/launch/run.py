@@ -15,9 +15,9 @@ from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
-from kd.dashboards import finish_dashboards
 from kd.errors import KdError
-from kd.summary import FAILURE_FILE, write_failure
+from kd.results.dashboards import finish_dashboards
+from kd.results.files import FAILURE_FILE, write_failure
 
 log = logging.getLogger("kd")
 

@@ -6,7 +6,6 @@ Each failure is a ``KdError``: one sentence naming the bad value and what to do 
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 
 import lightning as L
@@ -14,30 +13,15 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from kd.data import ClassificationData
 from kd.errors import KdError
 from kd.losses.base import DistillationLoss
+from kd.teachers.fill import check_teacher_cache
+from kd.training.steps import planned_steps
 
 log = logging.getLogger("kd")
-
-
-def planned_steps(trainer: L.Trainer, data: ClassificationData) -> tuple[int, int]:
-    """(optimizer steps of the whole run, per epoch), counted as Lightning will count them once it runs."""
-    per_process = math.ceil(len(data.train_set) / trainer.world_size)
-    batch_size = data.batch_size
-    batches = per_process // batch_size if per_process > batch_size else math.ceil(per_process / batch_size)
-    limit = trainer.limit_train_batches
-    batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
-    per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
-    max_epochs, max_steps = trainer.max_epochs, trainer.max_steps
-    by_epochs = per_epoch * max_epochs if max_epochs is not None and max_epochs >= 0 else None
-    if max_steps is not None and max_steps >= 0:
-        total = max_steps if by_epochs is None else min(max_steps, by_epochs)
-    else:
-        total = by_epochs if by_epochs is not None else per_epoch
-    return total, per_epoch
 
 
 def check_run_length(trainer: L.Trainer, data: ClassificationData, scheduler: Callable | None) -> None:
@@ -88,42 +72,6 @@ def check_loss_gives_gradient(loss: DistillationLoss, loss_cfg: DictConfig, num_
         )
 
 
-def mixup_settings(cfg: DictConfig) -> DictConfig | None:
-    """Where a mixup/cutmix config can live: ``mixup`` at the top or ``data.mixup``."""
-    return OmegaConf.select(cfg, "mixup") or OmegaConf.select(cfg, "data.mixup")
-
-
-def check_mixup_batch(cfg: DictConfig, batch_size: int) -> None:
-    """timm's Mixup/CutMix pair each image with another of the same batch, so a batch must be even."""
-    mixup = mixup_settings(cfg)
-    if not mixup or mixup.get("enabled") is False:
-        return
-    active = any((mixup.get(key) or 0) > 0 for key in ("mixup_alpha", "cutmix_alpha", "alpha", "prob"))
-    if active and batch_size % 2:
-        raise KdError(f"data.batch_size={batch_size} is odd, but mixup pairs images within a batch; use an even batch")
-
-
-def check_teacher_cache(cfg: DictConfig, loss: DistillationLoss | None) -> None:
-    """``teacher.cache`` stores the teacher's logits per seeded training view; refuse what it cannot serve."""
-    if not OmegaConf.select(cfg, "teacher.cache"):
-        return
-    if cfg.teacher.get("bn_train_mode"):
-        raise KdError(
-            "teacher.bn_train_mode=true makes each teacher output depend on the whole batch, so it cannot be "
-            "stored per view; use teacher.cache=null or teacher.bn_train_mode=false"
-        )
-    if loss is not None and loss.uses_teacher and loss.feature_stages().teacher:
-        raise KdError(
-            f"loss {type(loss).__name__} compares the teacher's feature maps, but teacher.cache={cfg.teacher.cache} "
-            "stores the teacher's logits only; use teacher.cache=null with feature losses"
-        )
-    if OmegaConf.select(cfg, "trainer.overfit_batches"):
-        raise KdError(
-            f"trainer.overfit_batches={cfg.trainer.overfit_batches} replaces the seeded training sampler, so the "
-            "views cannot be looked up in teacher.cache; use teacher.cache=null to overfit a few batches"
-        )
-
-
 def check_distributed_launch(trainer: L.Trainer) -> None:
     """Lightning's ``ddp`` starts this script once more per extra process with this run's command line; a
     Hydra multirun would then start the whole sweep again in every process."""
@@ -148,7 +96,6 @@ def check_before_work(
 ) -> None:
     check_schedule_numbers(cfg)
     check_loss_gives_gradient(loss, cfg.loss, data.num_classes)
-    check_mixup_batch(cfg, data.batch_size)
-    check_teacher_cache(cfg, loss)
+    check_teacher_cache(cfg, loss)  # the cache's own refusals, beside the cache (kd.teachers.fill)
     check_run_length(trainer, data, scheduler)
     check_distributed_launch(trainer)

@@ -21,8 +21,6 @@ from omegaconf import DictConfig
 if TYPE_CHECKING:
     from lightning.pytorch.loggers import WandbLogger
 
-    from kd.summary import Summary
-
 log = logging.getLogger("kd")
 
 # The config groups a run is tagged with, so dashboards can filter and group by them.
@@ -127,26 +125,26 @@ def number(cell: str) -> float | str | None:
         return cell
 
 
-def publish_sweep(summary: Summary, wandb_cfg: DictConfig) -> None:
-    """One more run in the sweep's group holding summary.csv as a table and summary.png."""
+def publish_sweep(sweep_dir: Path, wandb_cfg: DictConfig) -> None:
+    """One more run in the sweep's group holding the sweep's summary.csv as a table and its summary.png."""
     import csv
 
     import wandb
 
-    with open(summary.folder / "summary.csv", newline="") as f:
+    with open(sweep_dir / "summary.csv", newline="") as f:
         rows = list(csv.reader(f))
     mode = wandb_mode(wandb_cfg.get("offline"))
     run = wandb.init(
         project=wandb_cfg.get("project", "kd"),
         entity=wandb_cfg.get("entity"),
-        group=sweep_group(summary.folder),
+        group=sweep_group(sweep_dir),
         name="summary",
         job_type="summary",
-        dir=str(summary.folder),
+        dir=str(sweep_dir),
         **({"mode": mode} if mode else {}),
     )
     logged: dict[str, Any] = {"summary": wandb.Table(columns=rows[0], data=[[number(c) for c in r] for r in rows[1:]])}
-    if (summary.folder / "summary.png").is_file():
-        logged["summary_chart"] = wandb.Image(str(summary.folder / "summary.png"))
+    if (sweep_dir / "summary.png").is_file():
+        logged["summary_chart"] = wandb.Image(str(sweep_dir / "summary.png"))
     run.log(logged)
     run.finish()

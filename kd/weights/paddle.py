@@ -258,5 +258,18 @@ def read_paddle_weights(path: str | Path, target_keys: set[str]) -> tuple[dict[s
     return state, layout
 
 
+def read_for(path: str | Path, net: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A ``.pdparams`` file as a state dict for ``net``, which must be one of the timm ResNets kd maps onto."""
+    from timm.models.resnet import ResNet
+
+    if not isinstance(net, ResNet):
+        raise KdError(
+            f"weights file {path} is PaddleClas weights, which kd maps onto ResNets only, not a "
+            f"{type(net).__name__}; use {', '.join(ZOO_NAMES)}"
+        )
+    state, _ = read_paddle_weights(path, set(net.state_dict()))
+    return state
+
+
 def supports(model_name: str) -> bool:
     return model_name in SUPPORTED_TIMM_MODELS

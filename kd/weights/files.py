@@ -1,7 +1,8 @@
-"""Weight sources: a timm tag, a torchvision weights name, a local file, a PaddleClas .pdparams, or none.
+"""Weight files: torch (``.pth``, ``.pt``), Lightning / kd / CRD checkpoints (``.ckpt``), ``.safetensors``.
 
-Loading is strict: every key must match in name and shape, except the final classifier when the
-dataset has another number of classes; that one is re-initialized and the caller is told.
+Every damaged or foreign file stops the run with one sentence saying what is wrong with it. Loading is
+strict: every key must match in name and shape, except the final classifier when the dataset has another
+number of classes; that one is re-initialized and the caller is told.
 """
 
 from __future__ import annotations
@@ -18,36 +19,12 @@ import torch
 from torch import nn
 
 from kd.errors import KdError
-from kd.models.classifier import Preprocessing
 
 log = logging.getLogger(__name__)
 
 TORCH_SUFFIXES = (".pth", ".pt", ".ckpt")
-LOCAL_SUFFIXES = (*TORCH_SUFFIXES, ".safetensors", ".pdparams")
-NO_WEIGHTS = (None, "", "none", "null")
-
-
-def is_local_file(source: str) -> bool:
-    return source.endswith(LOCAL_SUFFIXES) or "/" in source or source.startswith(".")
-
-
-def read_weights_file(path: str | Path, net: nn.Module) -> tuple[dict[str, torch.Tensor], Preprocessing | None]:
-    """A local weights file as a state dict for ``net``, and the preprocessing it implies (if it fixes one)."""
-    path = Path(path).expanduser()
-    check_exists(path)
-    if path.suffix == ".pdparams":
-        from timm.models.resnet import ResNet
-
-        from kd.teachers import paddle
-
-        if not isinstance(net, ResNet):
-            raise KdError(
-                f"weights file {path} is PaddleClas weights, which kd maps onto ResNets only, not a "
-                f"{type(net).__name__}; use {', '.join(paddle.ZOO_NAMES)}"
-            )
-        state, _ = paddle.read_paddle_weights(path, set(net.state_dict()))
-        return state, paddle.PADDLECLAS_PREPROCESSING
-    return read_state_dict(path), None
+CHECKPOINT_KEY = "kd_student_card"  # a student's card (kd.students.card) in Lightning checkpoints
+METADATA_KEY = "kd_student_card"  # ... and in the string metadata of .safetensors files
 
 
 def check_exists(path: Path) -> None:
@@ -166,37 +143,27 @@ def load_into(net: nn.Module, state: dict[str, torch.Tensor], classifier: tuple[
     return replace_head
 
 
-def download_failed(what: str, error: BaseException) -> KdError:
-    first_line = (str(error).splitlines() or [""])[0][:120]
-    return KdError(
-        f"{what} could not be downloaded ({type(error).__name__}: {first_line}); download them where a network "
-        "is available and pass the local file as weights=/path/to/file.safetensors"
-    )
+def read_stored_card(weights: str | Path) -> dict | None:
+    """The student card stored with a weights file, as a dict: in a Lightning checkpoint, a .safetensors
+    header or a ``<stem>.json`` beside the file; None when there is none."""
+    path = Path(weights).expanduser()
+    if not path.is_file():
+        return None
+    card = None
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
 
-
-def timm_pretrained_state(tag: str, in_chans: int = 3) -> tuple[dict[str, torch.Tensor], dict]:
-    """Download (or read from timm's cache) the pretrained weights named by a timm tag."""
-    import timm
-
-    try:
-        model = timm.create_model(tag, pretrained=True, in_chans=in_chans)
-    except RuntimeError as error:
-        if "Unknown model" in str(error) or "Invalid pretrained tag" in str(error):
-            raise KdError(
-                f"'{tag}' is not a timm model or weights tag; see timm.list_pretrained() for valid tags"
-            ) from None
-        raise download_failed(f"timm weights '{tag}'", error) from None
-    except (OSError, ConnectionError, ValueError) as error:
-        raise download_failed(f"timm weights '{tag}'", error) from None
-    return model.state_dict(), model.pretrained_cfg
-
-
-def torchvision_pretrained_state(model_name: str, weights) -> dict[str, torch.Tensor]:
-    """Download (or read from torch hub's cache) torchvision weights; the builder sets what they need."""
-    import torchvision
-
-    try:
-        model = torchvision.models.get_model(model_name, weights=weights)
-    except (OSError, RuntimeError, ValueError) as error:  # urllib's URLError is an OSError
-        raise download_failed(f"torchvision weights {model_name} {weights.name}", error) from None
-    return model.state_dict()
+        with safe_open(str(path), framework="pt") as f:
+            stored = (f.metadata() or {}).get(METADATA_KEY)
+        card = json.loads(stored) if stored else None
+    elif path.suffix in TORCH_SUFFIXES:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # not ours to judge here: read_state_dict reports unreadable files clearly
+            return None
+        card = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
+    sidecar = path.with_suffix(".json")
+    if card is None and sidecar.is_file():
+        stored = json.loads(sidecar.read_text())
+        card = stored if isinstance(stored, dict) and "class_names" in stored else None
+    return card or None

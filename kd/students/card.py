@@ -7,22 +7,19 @@ classes and the view a student was trained with without the dataset at hand.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import torch
 
 from kd.data import ClassificationData
 from kd.models import Classifier, Preprocessing
+from kd.weights.files import CHECKPOINT_KEY, read_stored_card
 
 log = logging.getLogger("kd")
 
-CHECKPOINT_KEY = "kd_student_card"  # in Lightning checkpoints
-METADATA_KEY = "kd_student_card"  # in the string metadata of .safetensors files
 INPUT_NOTE = (
     "float32 NCHW images with pixel values in [0, 1]: resize the short side to input_size / crop_pct with "
     "`interpolation`, center-crop input_size; the ONNX and TorchScript models subtract mean and divide by std "
@@ -93,26 +90,7 @@ def data_view(preprocessing: Preprocessing, data: ClassificationData) -> Preproc
 
 def read_card(weights: str | Path) -> StudentCard | None:
     """The card stored with a weights file: in a Lightning checkpoint, a .safetensors header or ``<stem>.json``."""
-    path = Path(weights).expanduser()
-    if not path.is_file():
-        return None
-    card = None
-    if path.suffix == ".safetensors":
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt") as f:
-            stored = (f.metadata() or {}).get(METADATA_KEY)
-        card = json.loads(stored) if stored else None
-    elif path.suffix in (".ckpt", ".pt", ".pth"):
-        try:
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # not ours to judge here: read_state_dict reports unreadable files clearly
-            return None
-        card = checkpoint.get(CHECKPOINT_KEY) if isinstance(checkpoint, dict) else None
-    sidecar = path.with_suffix(".json")
-    if card is None and sidecar.is_file():
-        stored = json.loads(sidecar.read_text())
-        card = stored if isinstance(stored, dict) and "class_names" in stored else None
+    card = read_stored_card(weights)
     return StudentCard.from_dict(card) if card else None
 
 

@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from kd.card import METADATA_KEY, StudentCard
 from kd.errors import KdError
 from kd.io import write_atomic, write_json_atomic
 from kd.models import Classifier
+from kd.students.card import StudentCard
+from kd.weights.files import METADATA_KEY
 
 log = logging.getLogger("kd")
 

@@ -1,0 +1,266 @@
+"""Filling the teacher-output cache (``kd.teachers.cache``) for a run, and the teacher a run gets.
+
+``task=cache_teacher`` writes the teacher's outputs for N epochs of training views ahead of time;
+``task=distill teacher.cache=DIR`` uses the same code: it fills whatever epochs the run needs and are
+not stored yet, then trains without running the teacher.
+
+Without mixup a view depends on (seed, epoch, sample index) only, so the filler runs the teacher over every
+sample of an epoch in index order, in batches of ``data.eval_batch_size``. With mixup/cutmix the teacher's input
+is a mixed batch, which also depends on the batch's composition (the partner of image i is image N-1-i) and on
+(seed, rank, epoch, batch index): the filler then replays the training batches exactly (each process's
+sampler, ``data.batch_size``, the same ``BatchMixup`` call with the same key) and stores, per (epoch, sample),
+the teacher's output on the mixed image the student trains on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+
+import lightning as L
+import numpy as np
+import torch
+import torchvision
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import DataLoader, Dataset
+
+from kd.data import ClassificationData
+from kd.data.mixup import BatchMixup
+from kd.data.sampling import SeededViews, check_reproducible
+from kd.errors import KdError
+from kd.losses.base import DistillationLoss
+from kd.teachers.cache import CachedTeacher, EpochFiller, TeacherOutputStore, resolve_topk
+from kd.teachers.frozen import FrozenTeacher
+from kd.training.steps import planned_steps
+
+log = logging.getLogger("kd")
+
+
+def check_teacher_cache(cfg: DictConfig, loss: DistillationLoss | None) -> None:
+    """``teacher.cache`` stores the teacher's logits per seeded training view; refuse what it cannot serve."""
+    if not OmegaConf.select(cfg, "teacher.cache"):
+        return
+    if cfg.teacher.get("bn_train_mode"):
+        raise KdError(
+            "teacher.bn_train_mode=true makes each teacher output depend on the whole batch, so it cannot be "
+            "stored per view; use teacher.cache=null or teacher.bn_train_mode=false"
+        )
+    if loss is not None and loss.uses_teacher and loss.feature_stages().teacher:
+        raise KdError(
+            f"loss {type(loss).__name__} compares the teacher's feature maps, but teacher.cache={cfg.teacher.cache} "
+            "stores the teacher's logits only; use teacher.cache=null with feature losses"
+        )
+    if OmegaConf.select(cfg, "trainer.overfit_batches"):
+        raise KdError(
+            f"trainer.overfit_batches={cfg.trainer.overfit_batches} replaces the seeded training sampler, so the "
+            "views cannot be looked up in teacher.cache; use teacher.cache=null to overfit a few batches"
+        )
+
+
+# Data settings that decide neither the samples nor their views.
+LOADER_KEYS = ("num_workers", "eval_batch_size", "batch_size")
+
+
+def content_digest(dataset: Dataset) -> str | None:
+    """sha256 of what the training samples are, where the dataset exposes it cheaply: the file list of
+    an ImageFolder (relative paths and classes), the tensors of the digits set, the arrays of CIFAR."""
+    digest = hashlib.sha256()
+    if hasattr(dataset, "samples"):
+        prefix = str(getattr(dataset, "root", "")).rstrip("/") + "/"  # the config already says where they are
+        relative = [(path.removeprefix(prefix), label) for path, label in dataset.samples]
+        digest.update(json.dumps(relative).encode())
+    elif isinstance(getattr(dataset, "images", None), torch.Tensor):
+        for tensor in (dataset.images, dataset.labels):
+            digest.update(tensor.contiguous().numpy().tobytes())
+    elif hasattr(dataset, "data") and hasattr(dataset, "targets"):
+        digest.update(np.ascontiguousarray(dataset.data).tobytes())
+        digest.update(np.asarray(dataset.targets).tobytes())
+    else:
+        return None
+    return digest.hexdigest()
+
+
+def teacher_identity(
+    cfg: DictConfig,
+    teacher: FrozenTeacher,
+    data: ClassificationData,
+    views: SeededViews,
+    k: int,
+    mixup: BatchMixup | None = None,
+    world_size: int = 1,
+) -> dict:
+    """Everything that decides the stored values, and nothing else: not the loss, the student, the optimizer
+    or the number of workers, so a sweep over those shares one cache. Without mixup not the batch size or the
+    number of processes either; with mixup they decide which images are mixed together, so they count."""
+    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
+    return {
+        "teacher": {
+            "name": cfg.teacher.get("name"),
+            "arch": OmegaConf.to_container(cfg.teacher.arch, resolve=True),
+            "fingerprint": teacher.start_fingerprint,
+            "preprocessing": teacher.preprocessing.to_dict(),
+        },
+        "precision": str(cfg.trainer.get("precision", "32-true")),
+        "data": {
+            "config": {key: value for key, value in data_cfg.items() if key not in LOADER_KEYS},
+            "samples": len(data.train_set),
+            "classes": data.num_classes,
+            "content": content_digest(data.train_set),
+        },
+        "views": views.describe(),
+        "seed": int(cfg.seed),
+        "k": k,
+        "mixup": mixup_identity(mixup, data.batch_size, world_size),
+        "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
+    }
+
+
+def mixup_identity(mixup: BatchMixup | None, batch_size: int, world_size: int) -> dict | None:
+    if mixup is None:
+        return None
+    return {"settings": mixup.settings, "seed": mixup.seed, "batch_size": batch_size, "world_size": world_size}
+
+
+def run_teacher(teacher: FrozenTeacher, images: torch.Tensor, fabric: L.Fabric) -> torch.Tensor:
+    """The teacher's logits as the training step gets them: same device, same precision (Lightning's
+    precision plugin for ``trainer.precision``)."""
+    precision = fabric.strategy.precision
+    with precision.forward_context():
+        return teacher(precision.convert_input(images))
+
+
+def view_filler(teacher: FrozenTeacher, views: SeededViews, data: ClassificationData, fabric: L.Fabric) -> EpochFiller:
+    """Every view of an epoch, in sample order (without mixup a view does not depend on its batch)."""
+
+    def fill(epoch: int, write) -> None:
+        keys = [(index, epoch) for index in range(len(views))]
+        loader = DataLoader(views, batch_size=data.eval_batch_size, sampler=keys, num_workers=data.num_workers)
+        for images, _, view_ids in loader:
+            write(view_ids[:, 0].numpy(), run_teacher(teacher, images.to(fabric.device), fabric))
+
+    return fill
+
+
+def mixup_filler(
+    teacher: FrozenTeacher,
+    data: ClassificationData,
+    mixup: BatchMixup,
+    world_size: int,
+    seed: int,
+    fabric: L.Fabric,
+) -> EpochFiller:
+    """The training batches of an epoch of every process, mixed exactly as ``DistillationModule.training_step``
+    mixes them (key: rank, epoch, batch index), each stored under its views' sample indices."""
+
+    def fill(epoch: int, write) -> None:
+        filled = np.zeros(len(data.train_set), dtype=bool)
+        for rank in range(world_size):
+            loader = data.training_loader(world_size, rank, seed, start_epoch=epoch)
+            for batch_idx, (images, target, view_ids) in enumerate(loader):
+                images, target = images.to(fabric.device), target.to(fabric.device)
+                mixed, _ = mixup(images, target, data.num_classes, (rank, epoch, batch_idx))
+                indices = view_ids[:, 0].numpy()
+                if filled[indices].any() or len(set(indices.tolist())) < len(indices):
+                    raise_repeated_sample(len(data.train_set), world_size, data.batch_size)
+                filled[indices] = True
+                write(indices, run_teacher(teacher, mixed, fabric))
+
+    return fill
+
+
+def raise_repeated_sample(num_samples: int, world_size: int, batch_size: int) -> None:
+    raise KdError(
+        f"with mixup, teacher.cache stores one mixed view per sample and epoch, but {num_samples} training images "
+        f"do not split evenly over {world_size} processes, so the sampler trains on some images twice per epoch "
+        f"(with data.batch_size={batch_size}); use a number of processes that divides the training set, or "
+        "teacher.cache=null"
+    )
+
+
+def epochs_to_cover(trainer: L.Trainer, data: ClassificationData) -> int:
+    """The number of training epochs the run will start, counted as Lightning counts its steps."""
+    if trainer.max_epochs == -1 and trainer.max_steps == -1:
+        raise KdError(
+            "teacher.cache needs to know how many epochs to store, but trainer.max_epochs and trainer.max_steps "
+            "are both unlimited; set trainer.max_epochs"
+        )
+    total, per_epoch = planned_steps(trainer, data)
+    return math.ceil(total / per_epoch) if per_epoch > 0 else 0
+
+
+def open_teacher_cache(
+    cfg: DictConfig,
+    teacher: FrozenTeacher,
+    data: ClassificationData,
+    epochs: int,
+    mixup: BatchMixup | None = None,
+    world_size: int = 1,
+) -> tuple[TeacherOutputStore, list[int]]:
+    """The store for this run under ``teacher.cache``, with epochs ``0 .. epochs-1`` written.
+
+    Several processes (DDP ranks, parallel sweep jobs) may call it at once: the store's file lock lets the
+    first one write each missing epoch while the others wait, then all of them read the same files."""
+    check_teacher_cache(cfg, loss=None)
+    seed = int(cfg.seed)
+    views = SeededViews(data.train_set, seed)
+    check_reproducible(views)
+    k = resolve_topk(cfg.teacher.get("cache_topk", "auto"), data.num_classes)
+    identity = teacher_identity(cfg, teacher, data, views, k, mixup, world_size)
+    store = TeacherOutputStore.under(
+        cfg.teacher.cache,
+        str(cfg.teacher.get("name", "teacher")),
+        identity,
+        num_samples=len(views),
+        num_classes=data.num_classes,
+        k=k,
+    )
+    fabric = L.Fabric(accelerator=cfg.trainer.get("accelerator", "auto"), devices=1, precision=cfg.trainer.precision)
+    if mixup is None:
+        fill = view_filler(teacher, views, data, fabric)
+    else:
+        fill = mixup_filler(teacher, data, mixup, world_size, seed, fabric)
+    written = store.ensure(range(epochs), fill, every_sample=mixup is None)
+    reused = epochs - len(written)
+    if reused:
+        log.info("teacher outputs: reusing %d of %d epochs stored in %s", reused, epochs, store.folder)
+    return store, written
+
+
+def cached_teacher(
+    cfg: DictConfig,
+    teacher: FrozenTeacher,
+    data: ClassificationData,
+    mixup: BatchMixup | None,
+    trainer: L.Trainer,
+) -> CachedTeacher:
+    epochs = epochs_to_cover(trainer, data)
+    store, _ = open_teacher_cache(cfg, teacher, data, epochs, mixup, trainer.world_size)
+    return CachedTeacher(teacher, store)
+
+
+def planned_trainer(cfg: DictConfig) -> L.Trainer:
+    """A Trainer built only to count what ``cfg.trainer`` plans: processes, epochs and steps."""
+    keys = (
+        "accelerator", "strategy", "devices", "num_nodes",
+        "max_epochs", "max_steps", "limit_train_batches", "accumulate_grad_batches",
+    )  # fmt: skip
+    settings = {key: cfg.trainer[key] for key in keys if cfg.trainer.get(key) is not None}
+    return L.Trainer(**settings, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+
+
+def teacher_for_run(
+    cfg: DictConfig,
+    teacher: FrozenTeacher,
+    loss: DistillationLoss,
+    data: ClassificationData,
+    mixup: BatchMixup | None,
+    trainer: L.Trainer,
+) -> FrozenTeacher | CachedTeacher:
+    """The teacher the training step asks: the frozen one, or, with ``teacher.cache``, its stored outputs.
+
+    The cache is filled here, before Lightning starts any extra DDP process."""
+    if cfg.teacher.get("cache") and loss.uses_teacher:
+        return cached_teacher(cfg, teacher, data, mixup, trainer)
+    return teacher

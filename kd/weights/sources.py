@@ -1,0 +1,122 @@
+"""Where a model's weights come from: ``weights=`` resolved to one source, in an order read top to bottom.
+
+The same rules serve the teacher and the student; what each role may do with the result (a new
+classifier for another class count, zero-gamma) is decided in ``kd.teachers`` and ``kd.students``.
+A new source is one branch in ``resolve`` and one reader in ``read_source``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from omegaconf import DictConfig
+from torch import nn
+
+from kd.errors import KdError
+from kd.weights import files, paddle
+
+if TYPE_CHECKING:
+    from kd.models import Arch, Preprocessing
+
+log = logging.getLogger("kd")
+
+NO_WEIGHTS = (None, "", "none", "null")  # weights=none: random initialization
+AUTO = "auto"  # weights=auto: trained once with task=train on the run's data, then cached
+LOCAL_SUFFIXES = (*files.TORCH_SUFFIXES, ".safetensors", ".pdparams")
+
+# ``weights: auto``: called with the model's config and role, trains it once (or finds it cached), gives the file.
+ObtainAuto = Callable[[DictConfig, str], Path]
+
+
+@dataclass(frozen=True)
+class WeightSource:
+    """``kind`` is none, auto, paddle (a PaddleClas ``.pdparams`` file), file (any other local file) or
+    published (a name the architecture's backend fetches: ``pretrained``, a timm tag, torchvision weights)."""
+
+    kind: str
+    value: str | None = None
+
+
+def is_local_file(weights: str) -> bool:
+    return weights.endswith(LOCAL_SUFFIXES) or "/" in weights or weights.startswith(".")
+
+
+def resolve(weights: object) -> WeightSource:
+    """Where ``weights=`` points, checked in this order."""
+    text = None if weights is None else str(weights)
+    if text in NO_WEIGHTS:
+        return WeightSource("none")
+    if text == AUTO:
+        return WeightSource("auto")
+    if text.endswith(".pdparams"):
+        return WeightSource("paddle", text)
+    if is_local_file(text):
+        return WeightSource("file", text)
+    return WeightSource("published", text)
+
+
+def read_source(
+    source: WeightSource,
+    net: nn.Module,
+    arch: Arch,
+    model_cfg: DictConfig,
+    role: str,
+    obtain_auto: ObtainAuto | None,
+) -> tuple[dict[str, torch.Tensor], Preprocessing | None, str]:
+    """The state dict a source gives for ``net`` (built by ``arch`` from ``model_cfg``), the preprocessing
+    it fixes (if any), and a description for the log."""
+    if source.kind == "auto":
+        if obtain_auto is None:
+            raise KdError(f"{role}.weights=auto needs a training run to obtain them; give {role}.weights=FILE")
+        return files.read_state_dict(obtain_auto(model_cfg, role)), None, f"{role}.weights=auto"
+    if source.kind == "paddle":
+        files.check_exists(Path(source.value).expanduser())
+        return paddle.read_for(Path(source.value).expanduser(), net), paddle.PADDLECLAS_PREPROCESSING, source.value
+    if source.kind == "file":
+        return files.read_state_dict(source.value), None, source.value
+    state, preprocessing = arch.pretrained_state(source.value)
+    return state, preprocessing, f"{arch.backend}:{source.value}"
+
+
+def load_weights(
+    net: nn.Module,
+    arch: Arch,
+    model_cfg: DictConfig,
+    role: str,
+    num_classes: int,
+    obtain_auto: ObtainAuto | None = None,
+    new_head: bool = False,
+) -> Preprocessing | None:
+    """Load ``source`` into ``net`` (built for ``num_classes``) strictly; returns the preprocessing the
+    weights fix, if any.
+
+    Only ``new_head`` (a student about to be trained) may get a new classifier when the weights were
+    trained for another class count; anyone else is refused with one sentence.
+    """
+    source, name = resolve(model_cfg.get("weights")), model_cfg.get("name", "model")
+    if source.kind == "none":
+        log.info("%s %s: no weights given, random initialization", role, name)
+        return None
+    state, preprocessing, description = read_source(source, net, arch, model_cfg, role, obtain_auto)
+    replaced = files.load_into(net, state, arch.classifier_prefixes(net), description)
+    if replaced and not new_head:
+        raise KdError(
+            f"{role} weights {description} were trained for another number of classes than the "
+            f"dataset's {num_classes}; give {role} weights trained on these classes (task=train makes them)"
+        )
+    if replaced:
+        log.info(
+            "%s %s: loaded %s with a new %d-class classifier (the weights had another class count)",
+            role,
+            name,
+            description,
+            num_classes,
+        )
+    else:
+        log.info("%s %s: loaded %s", role, name, description)
+    return preprocessing
