@@ -67,10 +67,12 @@ from torch.utils.data import Dataset  # noqa: E402
 from kd.launch.configs import CONF_DIR, register_models  # noqa: E402
 from kd.losses import LabelCrossEntropy  # noqa: E402
 from kd.module import DistillationModule  # noqa: E402
-from kd.tasks.cache_teacher import open_teacher_cache  # noqa: E402
-from kd.tasks.common import build_data, build_student, build_teacher, build_trainer, optimizer_factory  # noqa: E402
+from kd.students.build import build_student  # noqa: E402
+from kd.tasks.common import build_data, build_trainer, optimizer_factory  # noqa: E402
 from kd.teachers import FrozenTeacher  # noqa: E402
+from kd.teachers.build import build_teacher  # noqa: E402
 from kd.teachers.cache import CachedTeacher  # noqa: E402
+from kd.teachers.fill import open_teacher_cache  # noqa: E402
 
 MODES = (
     "kd_step",
@@ -157,7 +159,7 @@ class Setup:
         if args.data == "fake":
             self.data.train_set = InMemory(self.data.train_set)
         self.teacher = build_teacher(self.cfg, self.data.num_classes, None)
-        self.student = build_student(self.cfg, self.data.num_classes, None)
+        self.student = build_student(self.cfg.student, self.data.num_classes, None)
         self.loss = instantiate(self.cfg.loss)
         self.device = torch.device(
             "cuda" if args.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available() else "cpu"
