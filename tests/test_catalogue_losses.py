@@ -506,8 +506,31 @@ def test_crd_memories_are_checkpointed_and_restored_on_resume(make_cfg, tmp_path
     assert tuple(state["loss.memory_student"].shape) == (48, 128)
     assert torch.equal(state["loss.memory_teacher"], module.loss.memory_teacher)
     assert (state["loss.normalizers"] > 0).all()  # fixed by the first batch
+    # the module hands over each image's dataset index: the 2 x 16 distinct images seen got renormalized rows
+    for memory in (state["loss.memory_student"], state["loss.memory_teacher"]):
+        assert int(((memory.norm(dim=1) - 1).abs() < 1e-5).sum()) == 32
     # another start (other student, heads and memories) until the checkpoint is restored
     resumed, trainer = fit_steps(cfg, tmp_path / "resumed", steps=2, ckpt_path=tmp_path / "run" / "last.ckpt", seed=1)
     assert trainer.global_step == 2
     for name in ("memory_student", "memory_teacher", "normalizers", "embed_student.linear.weight"):
         assert torch.equal(resumed.loss.state_dict()[name], state[f"loss.{name}"]), name
+
+
+def test_cifar_resnets_report_their_stages_from_the_same_forward_pass():
+    torch.manual_seed(0)
+    model = Classifier(CifarResNet(8, (32, 64, 128, 256), num_classes=10), RGB).eval()
+    images = torch.rand(2, 3, 32, 32)
+    info = model.feature_info()
+    assert [(i["num_chs"], i["reduction"]) for i in info] == [(32, 1), (64, 1), (128, 2), (256, 4)]
+    with torch.no_grad():
+        logits, features = model.forward_with_features(images, (0, 1, 2, 3))
+        torch.testing.assert_close(logits, model(images))
+        stem = model.net.relu(model.net.bn1(model.net.conv1(model.normalize(images))))
+        torch.testing.assert_close(features[0], stem)
+        torch.testing.assert_close(features[3], model.net.layer3(model.net.layer2(model.net.layer1(stem))))
+    for stage, feature in features.items():
+        assert tuple(feature.shape[1:]) == (
+            info[stage]["num_chs"],
+            32 // info[stage]["reduction"],
+            32 // info[stage]["reduction"],
+        )
