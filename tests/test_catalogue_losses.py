@@ -534,3 +534,15 @@ def test_cifar_resnets_report_their_stages_from_the_same_forward_pass():
             32 // info[stage]["reduction"],
             32 // info[stage]["reduction"],
         )
+
+
+@pytest.mark.parametrize("option", ["at", "sp", "pkt", "rkd", "crd"])
+def test_feature_losses_pass_the_preflight_check_before_bind(make_cfg, option):
+    """run.py probes every loss on random logits before the models exist; a feature loss must say it reads
+    features (its stages) so the probe leaves it alone, as it does for loss=fitnet."""
+    from kd.checks import check_loss_gives_gradient
+
+    cfg = make_cfg(f"loss={option}")
+    loss = instantiate(cfg.loss)
+    assert loss.feature_stages()
+    check_loss_gives_gradient(loss, cfg.loss, 10)

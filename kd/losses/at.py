@@ -7,7 +7,7 @@ from kd.errors import KdError
 from kd.losses.base import DistillationLoss, Features, FeatureStages
 from kd.losses.fitnet import match_size
 from kd.losses.labels import check_label_smoothing, check_weight, label_cross_entropy
-from kd.losses.stages import check_bound, full_precision, stage_pairs
+from kd.losses.stages import UNBOUND, check_bound, full_precision, stage_pairs
 
 
 def attention_map(feature_map: torch.Tensor, p: float) -> torch.Tensor:
@@ -50,7 +50,7 @@ class AttentionTransfer(DistillationLoss):
             self.stages = FeatureStages(*stage_pairs(student, teacher, *self.requested, "at"))
 
     def feature_stages(self) -> FeatureStages:
-        return self.stages or FeatureStages()
+        return self.stages or UNBOUND
 
     def compute_terms(self, student_logits, teacher_logits, target, features: Features):
         check_bound("at", self.stages is not None)

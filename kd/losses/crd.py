@@ -9,7 +9,7 @@ from torch import nn
 from kd.errors import KdError
 from kd.losses.base import DistillationLoss, Features, FeatureStages
 from kd.losses.labels import check_label_smoothing, check_weight, label_cross_entropy
-from kd.losses.stages import full_precision, last_stage, pooled
+from kd.losses.stages import UNBOUND, full_precision, last_stage, pooled
 
 EPS = 1e-7  # as CRD's code: inside the NCE logs
 
@@ -109,7 +109,7 @@ class ContrastiveRepresentationKD(DistillationLoss):
         self.register_buffer("normalizers", torch.full((2,), -1.0, device=device))
 
     def feature_stages(self) -> FeatureStages:
-        return self.stages or FeatureStages()
+        return self.stages or UNBOUND
 
     def draw_negatives(self, indices: torch.Tensor) -> torch.Tensor:
         """(N, 1 + K) rows of the memories: each image's own index, then K drawn uniformly (global generator)."""

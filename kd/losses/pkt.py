@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from kd.losses.base import DistillationLoss, Features, FeatureStages
 from kd.losses.labels import check_label_smoothing, check_weight, label_cross_entropy
-from kd.losses.stages import check_bound, full_precision, last_stage, pooled
+from kd.losses.stages import UNBOUND, check_bound, full_precision, last_stage, pooled
 
 EPS = 1e-7  # as RepDistiller's PKT: keeps the log finite where a conditional probability is 0
 
@@ -40,7 +40,7 @@ class ProbabilisticKnowledgeTransfer(DistillationLoss):
             self.stages = FeatureStages((s,), (t,))
 
     def feature_stages(self) -> FeatureStages:
-        return self.stages or FeatureStages()
+        return self.stages or UNBOUND
 
     def compute_terms(self, student_logits, teacher_logits, target, features: Features):
         check_bound("pkt", self.stages is not None)

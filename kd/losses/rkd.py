@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from kd.losses.base import DistillationLoss, Features, FeatureStages
 from kd.losses.labels import check_label_smoothing, check_weight, label_cross_entropy
-from kd.losses.stages import check_bound, full_precision, last_stage, pooled
+from kd.losses.stages import UNBOUND, check_bound, full_precision, last_stage, pooled
 
 
 def normalized_distances(embeddings: torch.Tensor) -> torch.Tensor:
@@ -57,7 +57,7 @@ class RelationalKD(DistillationLoss):
             self.stages = FeatureStages((s,), (t,))
 
     def feature_stages(self) -> FeatureStages:
-        return self.stages or FeatureStages()
+        return self.stages or UNBOUND
 
     def compute_terms(self, student_logits, teacher_logits, target, features: Features):
         check_bound("rkd", self.stages is not None)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from kd.losses.base import DistillationLoss, Features, FeatureStages
 from kd.losses.labels import check_label_smoothing, check_weight, label_cross_entropy
-from kd.losses.stages import check_bound, full_precision, stage_pairs
+from kd.losses.stages import UNBOUND, check_bound, full_precision, stage_pairs
 
 
 def similarity(feature_map: torch.Tensor) -> torch.Tensor:
@@ -46,7 +46,7 @@ class SimilarityPreserving(DistillationLoss):
             self.stages = FeatureStages(*stage_pairs(student, teacher, *self.requested, "sp"))
 
     def feature_stages(self) -> FeatureStages:
-        return self.stages or FeatureStages()
+        return self.stages or UNBOUND
 
     def compute_terms(self, student_logits, teacher_logits, target, features: Features):
         check_bound("sp", self.stages is not None)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from kd.errors import KdError
+from kd.losses.base import FeatureStages
 
 
 def stage_info(model, role: str, loss_name: str) -> list[dict]:
@@ -53,6 +54,11 @@ def stage_pairs(
         resolve(student_stages, len(student_info), "student", "student_stages"),
         resolve(teacher_stages, len(teacher_info), "teacher", "teacher_stages"),
     )
+
+
+#: What a feature loss reports before ``bind`` has resolved its stages against the models: the last stage of
+#: each, so callers (the preflight checks) already know that it reads features, as ``loss=fitnet`` reports.
+UNBOUND = FeatureStages((-1,), (-1,))
 
 
 def last_stage(student, teacher, loss_name: str) -> tuple[int, int]:
