@@ -546,3 +546,41 @@ def test_feature_losses_pass_the_preflight_check_before_bind(make_cfg, option):
     loss = instantiate(cfg.loss)
     assert loss.feature_stages()
     check_loss_gives_gradient(loss, cfg.loss, 10)
+
+
+@pytest.mark.slow
+def test_a_crd_run_resumed_mid_epoch_ends_with_the_same_memories_and_weights(tmp_path, cache_dir):
+    """run.py end to end: resuming from the step-2 checkpoint of a 4-steps-per-epoch run restores CRD's heads,
+    memories and normalizers (and the generator its negatives come from), so both runs end bit-identical."""
+    from tests.conftest import run_cli
+
+    run = [
+        "data=fake",
+        "data.num_classes=10",
+        "data.train_size=64",
+        "teacher=resnet8x4",
+        "student=resnet8",
+        "teacher.weights=none",
+        "student.weights=none",
+        "loss=crd",
+        "loss.num_negatives=512",
+        "trainer.max_epochs=2",
+        "sched.warmup_epochs=0",
+        "logger=csv",
+        "callbacks.checkpoint.every_n_train_steps=2",
+        "callbacks.checkpoint.save_top_k=-1",
+    ]
+    alone, resumed = tmp_path / "alone", tmp_path / "resumed"
+    alone.mkdir(), resumed.mkdir()
+    result = run_cli(*run, cwd=alone, cache_dir=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    middle = tmp_path / "step2.ckpt"
+    middle.write_bytes((alone / "checkpoints" / "epoch=0-step=2.ckpt").read_bytes())
+    result = run_cli(*run, f"ckpt_path={middle}", cwd=resumed, cache_dir=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = torch.load(alone / "checkpoints" / "last.ckpt", weights_only=False)
+    got = torch.load(resumed / "checkpoints" / "last.ckpt", weights_only=False)
+    assert got["global_step"] == expected["global_step"] == 8
+    assert {"loss.memory_student", "loss.memory_teacher", "loss.normalizers"} <= set(got["state_dict"])
+    for key, value in expected["state_dict"].items():
+        assert torch.equal(value, got["state_dict"][key]), key
