@@ -584,3 +584,23 @@ def test_a_crd_run_resumed_mid_epoch_ends_with_the_same_memories_and_weights(tmp
     assert {"loss.memory_student", "loss.memory_teacher", "loss.normalizers"} <= set(got["state_dict"])
     for key, value in expected["state_dict"].items():
         assert torch.equal(value, got["state_dict"][key]), key
+
+
+@pytest.mark.parametrize("option", ["at", "sp", "pkt", "rkd", "crd"])
+def test_feature_losses_compute_in_float32_under_mixed_precision(make_cfg, option):
+    """Under trainer.precision=bf16-mixed the training step runs in autocast; the relation losses' Gram matrices,
+    distances and exponentials must not drop to bfloat16 (the same value as without autocast)."""
+    values = []
+    for enabled in (False, True):
+        loss = instantiate(make_cfg(f"loss={option}", "loss.ce_weight=0").loss)
+        torch.manual_seed(0)
+        loss.bind(tiny_student(), tiny_teacher())
+        loss.bind_data(16)
+        s_map, t_map = feature_maps(6, (6, 4, 8, 8), (6, 8, 4, 4))
+        stages = loss.feature_stages()
+        features = Features({s: s_map for s in stages.student}, {t: t_map for t in stages.teacher}, torch.arange(6) * 2)
+        torch.manual_seed(1)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            values.append(loss(torch.zeros(6, 3), torch.zeros(6, 3), torch.zeros(6, dtype=torch.long), features))
+    assert values[1].dtype == torch.float32
+    torch.testing.assert_close(values[1], values[0], rtol=1e-6, atol=1e-7)
