@@ -84,6 +84,13 @@ class DistillationModule(L.LightningModule):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.student(images)
 
+    def setup(self, stage: str) -> None:
+        # After the datamodule's setup, before a checkpoint is restored and the optimizer built: losses that keep
+        # one entry per training image (CRD's memory) size it here.
+        train_set = getattr(self.trainer.datamodule, "train_set", None) if stage == "fit" else None
+        if train_set is not None:
+            self.loss.bind_data(len(train_set))
+
     def on_train_epoch_start(self) -> None:
         self.loss.start_epoch(self.current_epoch)
 
@@ -95,7 +102,8 @@ class DistillationModule(L.LightningModule):
         stages = self.loss.feature_stages()
         teacher_logits, teacher_features = self.teacher_outputs(images, view_ids, stages.teacher)
         student_logits, student_features = self.student.forward_with_features(images, stages.student)
-        loss = self.loss(student_logits, teacher_logits, target, Features(student_features, teacher_features))
+        features = Features(student_features, teacher_features, indices=view_ids[:, 0])
+        loss = self.loss(student_logits, teacher_logits, target, features)
         if not torch.isfinite(loss):
             self.stop_on_non_finite_loss(loss, batch_idx)
         batch_size = images.shape[0]

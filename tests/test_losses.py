@@ -269,6 +269,7 @@ def test_bad_loss_settings_are_refused_with_one_sentence(make, message):
 def bound_loss(make_cfg, option: str):
     loss = instantiate(make_cfg(f"loss={option}").loss)
     loss.bind(tiny_student(), tiny_teacher())
+    loss.bind_data(64)  # a training set of 64 images (CRD's memories)
     return loss
 
 
@@ -283,7 +284,7 @@ def leaf_inputs(loss, scale: float, dtype: torch.dtype, batch: int = 6):
     student_maps = {stage: leaf(batch, 4, 8, 8) for stage in stages.student}
     teacher_maps = {stage: leaf(batch, 8, 4, 4) for stage in stages.teacher}
     target = torch.arange(batch) % 10
-    return leaf(batch, 10), leaf(batch, 10), target, Features(student_maps, teacher_maps)
+    return leaf(batch, 10), leaf(batch, 10), target, Features(student_maps, teacher_maps, torch.arange(batch))
 
 
 @pytest.mark.parametrize("option", LOSS_OPTIONS)

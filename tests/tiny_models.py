@@ -27,8 +27,10 @@ def loss_on_images(loss: DistillationLoss, images: torch.Tensor, target: torch.T
     Returns the loss value, the student logits and the student features (all part of the graph)."""
     student, teacher = tiny_student(seed=seed), tiny_teacher(seed=seed + 1)
     loss.bind(student, teacher)
+    loss.bind_data(len(images))  # the images are the whole training set: indices 0..N-1 (CRD's memories)
     stages = loss.feature_stages()
     teacher_logits, teacher_features = teacher.forward_with_features(images, stages.teacher)
     student_logits, student_features = student.forward_with_features(images, stages.student)
-    value = loss(student_logits, teacher_logits, target, Features(student_features, teacher_features))
+    indices = torch.arange(len(images))
+    value = loss(student_logits, teacher_logits, target, Features(student_features, teacher_features, indices))
     return value, student_logits, student_features

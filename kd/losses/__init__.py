@@ -1,17 +1,24 @@
 """Losses: ``loss(student_logits, teacher_logits, target) -> scalar``, one small module per family."""
 
+from kd.losses.at import AttentionTransfer
 from kd.losses.base import DistillationLoss, Features, FeatureStages
 from kd.losses.ce import LabelCrossEntropy
 from kd.losses.combined import WeightedSum
+from kd.losses.crd import ContrastiveRepresentationKD
 from kd.losses.dist import DIST
 from kd.losses.dkd import DecoupledKD
 from kd.losses.dml import SymmetricKL
 from kd.losses.fitnet import FitNet
 from kd.losses.kd import HintonKD
+from kd.losses.pkt import ProbabilisticKnowledgeTransfer
+from kd.losses.rkd import RelationalKD
 from kd.losses.soft_ce import SoftTargetCrossEntropy
+from kd.losses.sp import SimilarityPreserving
 
 __all__ = [
     "DIST",
+    "AttentionTransfer",
+    "ContrastiveRepresentationKD",
     "DecoupledKD",
     "DistillationLoss",
     "FeatureStages",
@@ -19,6 +26,9 @@ __all__ = [
     "FitNet",
     "HintonKD",
     "LabelCrossEntropy",
+    "ProbabilisticKnowledgeTransfer",
+    "RelationalKD",
+    "SimilarityPreserving",
     "SoftTargetCrossEntropy",
     "SymmetricKL",
     "WeightedSum",

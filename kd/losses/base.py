@@ -30,10 +30,13 @@ class FeatureStages:
 
 @dataclass
 class Features:
-    """Intermediate feature maps of one batch, by stage index, as the training step computed them."""
+    """Intermediate feature maps of one batch, by stage index, as the training step computed them, and each
+    image's index in the training set (``indices``, (N,) long; None outside training), for losses that keep
+    a per-image memory (CRD)."""
 
     student: dict[int, torch.Tensor] = field(default_factory=dict)
     teacher: dict[int, torch.Tensor] = field(default_factory=dict)
+    indices: torch.Tensor | None = None
 
 
 class DistillationLoss(nn.Module):
@@ -43,10 +46,11 @@ class DistillationLoss(nn.Module):
     per-class probabilities (N, C) when mixup/cutmix mixed the labels. After each call ``last_terms``
     holds the detached terms, so the training step logs every one as ``train/loss/<term>``.
 
-    The module calls three hooks on every loss, so no loss needs a special case in the module:
-    ``bind`` once before training (build parts sized by the models), ``start_epoch`` at the start of
-    every training epoch (follow training progress), ``feature_stages`` (intermediate features to
-    compute for ``compute_terms``). The defaults do nothing.
+    The module calls four hooks on every loss, so no loss needs a special case in the module:
+    ``bind`` once before training (build parts sized by the models), ``bind_data`` once the training
+    set is known (build parts sized by it, before a checkpoint is restored into them), ``start_epoch``
+    at the start of every training epoch (follow training progress), ``feature_stages`` (intermediate
+    features to compute for ``compute_terms``). The defaults do nothing.
     """
 
     #: False for label-only losses: the training step then skips the teacher's forward pass.
@@ -59,6 +63,10 @@ class DistillationLoss(nn.Module):
     def bind(self, student: Classifier, teacher: nn.Module | None) -> None:
         """Called once by the module before training, with the models this loss will compare (the teacher is
         a ``kd.teachers.FrozenTeacher``: ``forward_with_features`` and ``feature_info`` like a Classifier)."""
+
+    def bind_data(self, num_samples: int) -> None:
+        """Called by the module when fitting starts (before a checkpoint is restored and before the optimizer is
+        built), with the number of images in the training set: the range of ``Features.indices``."""
 
     def start_epoch(self, epoch: int) -> None:
         """Called by the module at the start of every training epoch (0-based)."""
@@ -92,7 +100,7 @@ class DistillationLoss(nn.Module):
         if teacher_logits is not None:
             teacher_logits = teacher_logits.detach()
         features = features or Features()
-        features = Features(features.student, {k: v.detach() for k, v in features.teacher.items()})
+        features = Features(features.student, {k: v.detach() for k, v in features.teacher.items()}, features.indices)
         terms = self.compute_terms(student_logits, teacher_logits, target, features)
         self.last_terms = {name: value.detach() for name, value in terms.items()}
         return torch.stack(list(terms.values())).sum()

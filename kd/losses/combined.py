@@ -13,7 +13,7 @@ class WeightedSum(DistillationLoss):
 
     ``terms`` maps a name to ``{weight: float, loss: <a loss config>}``. Each child's terms are logged
     as ``<name>`` (a child with a single term of the same name) or ``<name>/<term>``, already weighted.
-    Every hook (bind, start_epoch, feature_stages) reaches every child.
+    Every hook (bind, bind_data, start_epoch, feature_stages) reaches every child.
     """
 
     def __init__(self, terms: Mapping[str, Mapping]) -> None:
@@ -39,6 +39,10 @@ class WeightedSum(DistillationLoss):
     def bind(self, student, teacher) -> None:
         for loss in self.losses.values():
             loss.bind(student, teacher)
+
+    def bind_data(self, num_samples: int) -> None:
+        for loss in self.losses.values():
+            loss.bind_data(num_samples)
 
     def start_epoch(self, epoch: int) -> None:
         for loss in self.losses.values():

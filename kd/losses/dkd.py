@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from kd.errors import KdError
 from kd.losses.base import DistillationLoss
 from kd.losses.labels import check_label_smoothing, check_weight, hard_labels, label_cross_entropy
+from kd.losses.standardize import check_standardization, maybe_standardize
 
 
 def target_and_rest(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -32,6 +33,8 @@ class DecoupledKD(DistillationLoss):
     averaged over the batch. ``w(epoch) = min((epoch + 1) / warmup_epochs, 1)`` ramps the KD part up
     linearly over the first ``warmup_epochs`` epochs (mdistiller's schedule, its epochs counted from 1).
     With mixed (mixup/cutmix) labels the target class is the one with the largest share of the label.
+    With ``logit_standardization`` both logits are z-scored per image first (``kd.losses.standardize``); the
+    label term always sees the raw logits.
     """
 
     def __init__(
@@ -42,6 +45,7 @@ class DecoupledKD(DistillationLoss):
         ce_weight: float = 1.0,
         warmup_epochs: int = 1,
         label_smoothing: float = 0.0,
+        logit_standardization: bool = False,
     ) -> None:
         super().__init__()
         if temperature <= 0:
@@ -55,6 +59,7 @@ class DecoupledKD(DistillationLoss):
         self.warmup_epochs = warmup_epochs
         self.label_smoothing = check_label_smoothing(label_smoothing)
         self.kd_weight = self.warmup_weight(0)
+        self.logit_standardization = check_standardization(logit_standardization)
 
     def warmup_weight(self, epoch: int) -> float:
         return 1.0 if self.warmup_epochs == 0 else min((epoch + 1) / self.warmup_epochs, 1.0)
@@ -65,8 +70,9 @@ class DecoupledKD(DistillationLoss):
     def terms(self, student_logits, teacher_logits, target):
         t = self.temperature
         labels = hard_labels(target)
-        student_binary, student_rest = target_and_rest(student_logits.float() / t, labels)
-        teacher_binary, teacher_rest = target_and_rest(teacher_logits.float() / t, labels)
+        student, teacher = maybe_standardize(self.logit_standardization, student_logits, teacher_logits)
+        student_binary, student_rest = target_and_rest(student / t, labels)
+        teacher_binary, teacher_rest = target_and_rest(teacher / t, labels)
         tckd = F.kl_div(student_binary, teacher_binary, reduction="batchmean", log_target=True)
         nckd = F.kl_div(student_rest, teacher_rest, reduction="batchmean", log_target=True)
         scale = self.kd_weight * t * t

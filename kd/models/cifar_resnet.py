@@ -51,6 +51,11 @@ class CifarResNet(nn.Module):
         self.layer3 = self._stage(widths[2], widths[3], blocks, stride=2)
         self.pool = nn.AdaptiveAvgPool2d(1)  # CRD's AvgPool2d(8) on its 8x8 map; this also fits other sizes
         self.fc = nn.Linear(widths[3], num_classes)
+        # timm's feature API (stem, then the three stages), so feature losses (fitnet, at, sp, ...) read these maps.
+        self.feature_info = [
+            {"num_chs": width, "reduction": reduction, "module": name}
+            for width, reduction, name in zip(widths, (1, 1, 2, 4), ("act1", "layer1", "layer2", "layer3"), strict=True)
+        ]
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
@@ -66,4 +71,26 @@ class CifarResNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
         x = self.layer3(self.layer2(self.layer1(x)))
+        return self.forward_head(x)
+
+    def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.pool(x).flatten(1))
+
+    def forward_intermediates(
+        self, x: torch.Tensor, indices: int | list[int] | None = None, intermediates_only: bool = False, **_
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """timm's contract: the outputs of the stages in ``indices`` (an int n: the last n; 0 is the stem),
+        and the final feature map that ``forward_head`` turns into logits."""
+        count = len(self.feature_info)
+        if indices is None:
+            indices = list(range(count))
+        elif isinstance(indices, int):
+            indices = list(range(count - indices, count))
+        wanted = {i % count for i in indices}
+        intermediates = []
+        x = self.relu(self.bn1(self.conv1(x)))
+        for stage, layer in enumerate((None, self.layer1, self.layer2, self.layer3)):
+            x = x if layer is None else layer(x)
+            if stage in wanted:
+                intermediates.append(x)
+        return intermediates if intermediates_only else (x, intermediates)

@@ -53,6 +53,7 @@ def fit(cfg: DictConfig, task: str) -> dict:
     # Seeded before the module: losses build their trainable parts (feature adapters) in it.
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = DistillationModule(student, loss, optimizer, scheduler, data.num_classes, teacher, mixup)
+    loss.bind_data(len(data.train_set))  # before the resume check compares loss.* shapes (CRD's memories)
     if resume is not None:
         resume.check(module, teacher and teacher.start_fingerprint, data.batch_size, trainer.world_size)
     provenance = {"teacher": cfg.teacher.name, "teacher_fingerprint": teacher.start_fingerprint} if teacher else {}
