@@ -25,8 +25,10 @@ from kd.losses import (
 from kd.models import Classifier, Preprocessing
 from kd.models.cifar_resnet import CifarResNet
 from kd.module import DistillationModule
-from kd.tasks.common import build_data, build_student, build_teacher, optimizer_factory
+from kd.students.build import build_student
+from kd.tasks.common import build_data, optimizer_factory
 from kd.teachers import FrozenTeacher
+from kd.teachers.build import build_teacher
 from tests.tiny_models import tiny_student, tiny_teacher
 
 RGB = Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), input_size=(3, 32, 32))
@@ -459,7 +461,7 @@ def fit_steps(cfg, tmp_path, steps: int = 2, ckpt_path=None, seed: int = 0) -> t
     torch.manual_seed(0)  # the same (random) teacher for every run
     teacher = build_teacher(cfg, data.num_classes, None)
     torch.manual_seed(seed)
-    student = build_student(cfg, data.num_classes, None)
+    student = build_student(cfg.student, data.num_classes, None)
     module = DistillationModule(
         student, instantiate(cfg.loss), optimizer_factory(cfg), instantiate(cfg.sched), data.num_classes, teacher
     )
@@ -540,7 +542,7 @@ def test_cifar_resnets_report_their_stages_from_the_same_forward_pass():
 def test_feature_losses_pass_the_preflight_check_before_bind(make_cfg, option):
     """run.py probes every loss on random logits before the models exist; a feature loss must say it reads
     features (its stages) so the probe leaves it alone, as it does for loss=fitnet."""
-    from kd.checks import check_loss_gives_gradient
+    from kd.tasks.checks import check_loss_gives_gradient
 
     cfg = make_cfg(f"loss={option}")
     loss = instantiate(cfg.loss)

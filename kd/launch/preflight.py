@@ -20,7 +20,7 @@ from hydra.errors import HydraException
 from kd.errors import KdError
 from kd.launch.configs import CONF_DIR
 
-MODEL_ROLES = ("teacher", "student")  # both offered from conf/model/ (kd.config.register_models)
+MODEL_ROLES = ("teacher", "student")  # both offered from conf/model/ (kd.launch.configs.register_models)
 OUTPUT_FOLDERS = ("hydra.run.dir", "hydra.sweep.dir")
 
 
