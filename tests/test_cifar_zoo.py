@@ -36,6 +36,29 @@ REFERENCE_PARAMS = {
 NAMES = list(REFERENCE_PARAMS)
 
 
+def reference_state(name: str) -> dict[str, torch.Tensor]:
+    """Seeded weights with the reference's keys and shapes, scaled so that deep networks stay finite."""
+    generator = torch.Generator().manual_seed(0)
+    state = {}
+    for key, shape in REFERENCE[name]["keys"]:
+        noise = torch.randn(shape, generator=generator)
+        if key.endswith("num_batches_tracked"):
+            state[key] = torch.tensor(7)
+        elif key.endswith("running_var"):
+            state[key] = 0.5 + noise.abs()
+        elif len(shape) > 1:  # convolutions and linear layers: He-like scale
+            state[key] = noise * (2.0 / torch.tensor(shape[1:]).prod()) ** 0.5
+        elif key.endswith("weight"):  # BatchNorm gamma
+            state[key] = 1.0 + 0.1 * noise
+        else:
+            state[key] = 0.1 * noise
+    return state
+
+
+def reference_images() -> torch.Tensor:
+    return torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+
+
 def zoo_cfg(name: str, weights: str | None = None):
     cfg = OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml")
     cfg.name, cfg.weights = name, weights
@@ -76,6 +99,19 @@ def test_a_checkpoint_with_the_reference_keys_loads_strictly_as_a_teacher(tmp_pa
     assert list(loaded) == list(state)
     for key, value in state.items():
         assert torch.equal(loaded[key], value.to(loaded[key].dtype)), key
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_logits_equal_the_reference_networks_on_the_same_weights(name):
+    """The logits the reference network gives for ``reference_state`` and ``reference_images`` (eval mode),
+    computed once by running its code from a fetched mirror outside this repository: same weights, same
+    computation, so published checkpoints predict here what they predict there."""
+    net = build(name).eval()
+    net.load_state_dict(reference_state(name), strict=True)
+    with torch.no_grad():
+        logits = net(reference_images())
+    expected = torch.tensor(REFERENCE[name]["logits_first_10"])
+    torch.testing.assert_close(logits[:, :10], expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("name", NAMES)
