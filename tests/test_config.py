@@ -77,8 +77,9 @@ def test_mixup_options_instantiate_and_mix(make_cfg, option):
 def test_optim_and_sched_options_instantiate(make_cfg, optim, sched):
     cfg = make_cfg(f"optim={optim}", f"sched={sched}")
     optimizer = optimizer_factory(cfg)(torch.nn.Linear(3, 3))
-    scheduler = instantiate(cfg.sched)(optimizer, total_steps=100, steps_per_epoch=10)
-    scheduler.step_update(50)
+    # 240 epochs of 10 steps: the length sched=multistep's default milestones (150, 180, 210) are for.
+    scheduler = instantiate(cfg.sched)(optimizer, total_steps=2400, steps_per_epoch=10)
+    scheduler.step_update(1700)
     assert 0 < optimizer.param_groups[0]["lr"] < cfg.optim.lr
 
 

@@ -3,13 +3,16 @@
 Neither timm nor torchvision has them. They follow the definition CRD (Tian et al., ICLR 2020) and
 mdistiller use for their CIFAR-100 benchmarks: a 3x3 stem, three stages of ``n = (depth - 2) / 6``
 basic blocks at strides 1, 2, 2, global average pooling and a linear classifier. Module names match
-theirs, so their published checkpoints (``{"model": state_dict}``) load as they are.
+theirs, so their published checkpoints (``{"model": state_dict}``) load as they are. Its stages
+(``feature_info``: the stem, then layer1 to layer3) are mdistiller's ``feats``, see kd.models.cifar_stages.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+
+from kd.models.cifar_stages import StagedNet, stage_info
 
 
 class BasicBlock(nn.Module):
@@ -32,7 +35,7 @@ class BasicBlock(nn.Module):
         return self.relu(self.bn2(self.conv2(out)) + shortcut)
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(StagedNet):
     """``widths`` = (stem, stage 1, stage 2, stage 3): (16, 16, 32, 64) for resnet20/32/56/110,
     (32, 64, 128, 256) for the 4x-wide resnet8x4 and resnet32x4."""
 
@@ -51,10 +54,11 @@ class CifarResNet(nn.Module):
         self.layer3 = self._stage(widths[2], widths[3], blocks, stride=2)
         self.pool = nn.AdaptiveAvgPool2d(1)  # CRD's AvgPool2d(8) on its 8x8 map; this also fits other sizes
         self.fc = nn.Linear(widths[3], num_classes)
-        # timm's feature API (stem, then the three stages), so feature losses (fitnet, at, sp, ...) read these maps.
         self.feature_info = [
-            {"num_chs": width, "reduction": reduction, "module": name}
-            for width, reduction, name in zip(widths, (1, 1, 2, 4), ("act1", "layer1", "layer2", "layer3"), strict=True)
+            stage_info(widths[0], 1, "relu"),
+            stage_info(widths[1], 1, "layer1"),
+            stage_info(widths[2], 2, "layer2"),
+            stage_info(widths[3], 4, "layer3"),
         ]
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
@@ -68,29 +72,11 @@ class CifarResNet(nn.Module):
         first = BasicBlock(in_channels, channels, stride)
         return nn.Sequential(first, *(BasicBlock(channels, channels) for _ in range(blocks - 1)))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.relu(self.bn1(self.conv1(x)))
-        x = self.layer3(self.layer2(self.layer1(x)))
-        return self.forward_head(x)
+    def stem(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn1(self.conv1(x)))
+
+    def stage_forwards(self) -> list:
+        return [self.stem, self.layer1, self.layer2, self.layer3]
 
     def forward_head(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(self.pool(x).flatten(1))
-
-    def forward_intermediates(
-        self, x: torch.Tensor, indices: int | list[int] | None = None, intermediates_only: bool = False, **_
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """timm's contract: the outputs of the stages in ``indices`` (an int n: the last n; 0 is the stem),
-        and the final feature map that ``forward_head`` turns into logits."""
-        count = len(self.feature_info)
-        if indices is None:
-            indices = list(range(count))
-        elif isinstance(indices, int):
-            indices = list(range(count - indices, count))
-        wanted = {i % count for i in indices}
-        intermediates = []
-        x = self.relu(self.bn1(self.conv1(x)))
-        for stage, layer in enumerate((None, self.layer1, self.layer2, self.layer3)):
-            x = x if layer is None else layer(x)
-            if stage in wanted:
-                intermediates.append(x)
-        return intermediates if intermediates_only else (x, intermediates)

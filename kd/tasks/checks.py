@@ -87,6 +87,19 @@ def check_distributed_launch(trainer: L.Trainer) -> None:
         )
 
 
+def check_weights_given(cfg: DictConfig, loss: DistillationLoss) -> None:
+    """A recipe that needs a trained model says ``weights: required`` and leaves the file to the user
+    (experiment=cifar100_kd); ``???`` cannot say it, since a config merged over a set value keeps that value."""
+    roles = ["student"] + (["teacher"] if loss.uses_teacher and cfg.get("teacher") is not None else [])
+    for role in roles:
+        if OmegaConf.is_missing(cfg[role], "weights") or cfg[role].get("weights") == "required":
+            raise KdError(
+                f"{role}.weights is not set, and this recipe needs the {role}'s trained weights: pass "
+                f"{role}.weights=FILE (CRD's and mdistiller's ckpt_epoch_240.pth load as they are), or "
+                f"{role}.weights=auto to train one here first"
+            )
+
+
 def check_before_work(
     cfg: DictConfig,
     data: ClassificationData,
@@ -95,6 +108,7 @@ def check_before_work(
     trainer: L.Trainer,
 ) -> None:
     check_schedule_numbers(cfg)
+    check_weights_given(cfg, loss)
     check_loss_gives_gradient(loss, cfg.loss, data.num_classes)
     check_teacher_cache(cfg, loss)  # the cache's own refusals, beside the cache (kd.teachers.fill)
     check_run_length(trainer, data, scheduler)
