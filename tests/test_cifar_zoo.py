@@ -10,8 +10,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from kd.config import CONF_DIR
-from kd.models.build import build_classifier
+from kd.launch.configs import CONF_DIR
+from kd.students.build import build_student
+from kd.teachers.build import build_teacher_model
 from kd.zoo import describe
 
 REFERENCE = json.loads((Path(__file__).parent / "data" / "cifar_zoo_reference.json").read_text())
@@ -67,7 +68,7 @@ def zoo_cfg(name: str, weights: str | None = None):
 
 def build(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
-    return build_classifier(zoo_cfg(name), 100, "student").net
+    return build_student(zoo_cfg(name), 100).net
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -95,7 +96,7 @@ def test_a_checkpoint_with_the_reference_keys_loads_strictly_as_a_teacher(tmp_pa
     }
     path = tmp_path / "ckpt_epoch_240.pth"
     torch.save({"model": state, "epoch": 240, "accuracy": 0.0}, path)
-    loaded = build_classifier(zoo_cfg(name, str(path)), 100, "teacher").net.state_dict()
+    loaded = build_teacher_model(zoo_cfg(name, str(path)), 100).net.state_dict()
     assert list(loaded) == list(state)
     for key, value in state.items():
         assert torch.equal(loaded[key], value.to(loaded[key].dtype)), key
@@ -128,11 +129,11 @@ def test_forward_at_32_px_gives_100_logits_and_every_stage_of_feature_info(name)
     for info, stage in zip(net.feature_info, stages, strict=True):
         assert stage.shape == (1, info["num_chs"], 32 // info["reduction"], 32 // info["reduction"]), info
     assert torch.equal(stages[-1], final)
-    assert build_classifier(zoo_cfg(name), 100, "student").feature_info() == net.feature_info  # loss=fitnet reads it
+    assert build_student(zoo_cfg(name), 100).feature_info() == net.feature_info  # loss=fitnet reads it
 
 
 def test_intermediates_by_index_and_through_the_classifier():
-    classifier = build_classifier(zoo_cfg("wrn_16_2"), 100, "student").eval()
+    classifier = build_student(zoo_cfg("wrn_16_2"), 100).eval()
     images = torch.rand(1, 3, 32, 32)
     with torch.no_grad():
         normalized = classifier.normalize(images)

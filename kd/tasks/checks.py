@@ -13,7 +13,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from kd.data import ClassificationData
 from kd.errors import KdError
