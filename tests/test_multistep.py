@@ -12,8 +12,8 @@ import torch
 
 import tests.test_resume as resume_machinery
 from kd.errors import KdError
-from kd.multistep import warmup_multistep
 from kd.tasks.train import fit
+from kd.training.multistep import warmup_multistep
 from tests.conftest import FAST, run_cli
 
 STEPS_PER_EPOCH = 5
