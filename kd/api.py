@@ -100,6 +100,7 @@ def distill(
     student: nn.Module,
     train_loader: DataLoader,
     val_loader: DataLoader,
+    /,
     loss: str | DistillationLoss = "kd",
     epochs: int | None = None,
     *,
@@ -116,7 +117,8 @@ def distill(
     student is trained in place; the teacher is frozen in place. ``loss`` is a ``conf/loss`` name or a
     ``kd.losses`` object; ``epochs`` defaults to ``trainer.max_epochs`` of the config. Every other setting is a
     keyword named like a top-level config key (``optim="adamw"``, ``optim={"lr": 0.05}``, ``sched=None``,
-    ``mixup="mixup"``, ``trainer={"precision": "bf16-mixed"}``) or a raw ``overrides`` string of the command line.
+    ``mixup="mixup"``, ``trainer={"precision": "bf16-mixed"}``, ``teacher={"channels_last": False}``) or a raw
+    ``overrides`` string of the command line.
 
     ``output_dir``: the folder ``python run.py`` writes (``results.json``, ``student.safetensors`` and its card,
     checkpoints, logs); without it the run works in a temporary folder, removed at the end, with no logger.
