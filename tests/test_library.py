@@ -173,6 +173,7 @@ def test_a_changed_teacher_fails_the_fit_in_a_users_own_trainer(tmp_path):
         trainer(tmp_path).fit(module, train_dataloaders=train)
 
 
+@pytest.mark.slow
 def test_own_datamodule_example_logs_every_steps_lr_and_keeps_the_teacher_out(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run = runpy.run_path(str(EXAMPLES / "own_datamodule.py"), run_name="__main__")
@@ -243,3 +244,12 @@ def test_distill_of_plain_modules_ends_with_the_student_weights_of_the_same_run_
     assert not torch.equal(from_run_py["fc.weight"], load_file(student_file)["fc.weight"])  # it did train
     assert [k for k in trained if not torch.equal(trained[k], from_run_py[k])] == []
     assert results["metrics"] == json.loads((Path(cfg.paths.output_dir) / "results.json").read_text())["metrics"]
+
+
+def test_the_readme_shows_the_examples_as_they_are_tested():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Using kd from Python", 1)[1].split("\n## ", 1)[0]
+    blocks = [block.split("```", 1)[0] for block in section.split("```python\n")[1:]]
+    files = [(EXAMPLES / name).read_text() for name in ("distill_in_notebook.py", "own_datamodule.py")]
+    assert blocks == files
+    assert all(len(text.splitlines()) < 30 for text in files)
