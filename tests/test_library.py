@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import functools
 import json
@@ -162,6 +163,28 @@ class TouchesTheTeacher(kd.losses.HintonKD):
         with torch.no_grad():
             next(self.teacher.parameters()).add_(1.0)
         return super().terms(student_logits, teacher_logits, target)
+
+
+class RecordsLogits(kd.losses.HintonKD):
+    def terms(self, student_logits, teacher_logits, target):
+        self.__dict__["seen"] = (student_logits.detach(), teacher_logits, target)
+        return super().terms(student_logits, teacher_logits, target)
+
+
+def test_teacher_and_student_see_the_same_mixed_plain_batch():
+    """Teacher = a copy of the student, both in eval mode: equal logits prove they got the same input tensor."""
+    from kd.data.mixup import BatchMixup
+
+    student = tiny(0)
+    loss = RecordsLogits()
+    module = kd.DistillationModule(student, loss, teacher=copy.deepcopy(student), mixup=BatchMixup(mixup_alpha=1.0))
+    module.student.eval()
+    images, labels = torch.rand(8, 3, 16, 16), torch.arange(8)
+    module.training_step((images, labels), 0)
+    student_logits, teacher_logits, target = loss.seen
+    assert target.shape == (8, 10) and bool((target.max(dim=1).values < 1).all())  # the labels were mixed
+    assert torch.allclose(student_logits, teacher_logits, atol=1e-5)
+    assert not torch.allclose(teacher_logits, module.teacher(images), atol=1e-3)  # ... and so were the images
 
 
 def test_a_changed_teacher_fails_the_fit_in_a_users_own_trainer(tmp_path):
