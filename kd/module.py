@@ -8,16 +8,21 @@ from collections.abc import Callable
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import LearningRateMonitor
+from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
+from kd.data.batches import unpack_batch
 from kd.data.mixup import BatchMixup
 from kd.errors import KdError, NonFiniteError
 from kd.losses.base import DistillationLoss, Features
 from kd.models import Classifier
 from kd.teachers.cache import CachedTeacher
 from kd.teachers.frozen import FrozenTeacher
+from kd.teachers.pair import check_same_classes, checked_models
 from kd.training.optim import OptimizerFactory, OptimizerRecipe
+from kd.training.schedule_config import scheduler_config
 
 log = logging.getLogger("kd")
 
@@ -44,18 +49,27 @@ class DistillationModule(L.LightningModule):
     the optimizer or a DDP wrapper, and ``.train()`` cannot reach it. The loss is a registered child:
     its trainable parts (feature adapters) are optimized and checkpointed as ``loss.*``.
 
-    ``optimizer`` is an ``OptimizerRecipe`` or a plain ``torch.optim`` partial; ``mixup`` (a
-    ``BatchMixup``) mixes each training batch once, so teacher and student see the same tensor.
+    ``student`` and ``teacher`` may be plain ``nn.Module``s: they are wrapped with ``kd.as_classifier`` (timm
+    models normalize as their ``pretrained_cfg`` says; wrap others yourself), and a teacher that is not a
+    ``FrozenTeacher`` yet is frozen in place. ``num_classes`` defaults to the student's class count.
+
+    ``optimizer`` is an ``OptimizerRecipe``, a callable that takes the parameters to train (a ``torch.optim``
+    partial, Lightning's way) or a ready optimizer; leave it None only when overriding ``configure_optimizers``.
+    ``scheduler`` is kd's schedule factory (``optimizer, total_steps, steps_per_epoch``) or any callable that takes
+    the optimizer; it is stepped after every optimizer step (return a Lightning scheduler dict to choose another
+    interval). ``mixup`` (a ``BatchMixup``) mixes each training batch once, so teacher and student see the same
+    tensor. Batches are ``(images, labels)``; kd's data modules add ``view_ids``, which only the teacher-output
+    cache needs.
     """
 
     def __init__(
         self,
-        student: Classifier,
+        student: Classifier | nn.Module,
         loss: DistillationLoss,
-        optimizer: OptimizerRecipe | OptimizerFactory | None,
-        scheduler: SchedulerFactory | None,
-        num_classes: int,
-        teacher: FrozenTeacher | CachedTeacher | None = None,
+        optimizer: OptimizerRecipe | OptimizerFactory | torch.optim.Optimizer | None = None,
+        scheduler: SchedulerFactory | None = None,
+        num_classes: int | None = None,
+        teacher: FrozenTeacher | CachedTeacher | nn.Module | None = None,
         mixup: BatchMixup | None = None,
     ) -> None:
         super().__init__()
@@ -63,14 +77,15 @@ class DistillationModule(L.LightningModule):
             raise KdError(
                 f"loss {type(loss).__name__} needs a teacher, but this task trains on labels only; use loss=ce"
             )
+        student, teacher, num_classes = checked_models(student, teacher, num_classes)
         self.student = student
         self.loss = loss
         self.__dict__["teacher"] = teacher  # bypasses nn.Module registration, see the class docstring
         loss.bind(student, teacher)
         self.num_classes = num_classes
         self.mixup = mixup
-        is_recipe = optimizer is None or isinstance(optimizer, OptimizerRecipe)
-        self.optimizer_factory = optimizer if is_recipe else OptimizerRecipe(optimizer)
+        is_ready = optimizer is None or isinstance(optimizer, OptimizerRecipe | torch.optim.Optimizer)
+        self.optimizer_factory = optimizer if is_ready else OptimizerRecipe(optimizer)
         self.scheduler_factory = scheduler
         self.val_student = accuracy_metrics(num_classes, "student/")
         self.val_student_ece = calibration_error(num_classes)
@@ -94,15 +109,20 @@ class DistillationModule(L.LightningModule):
     def on_train_epoch_start(self) -> None:
         self.loss.start_epoch(self.current_epoch)
 
-    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        images, target, view_ids = batch  # view_ids: (sample index, epoch) per image, see kd.data.sampling
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        # view_ids: (sample index, epoch) per image (kd.data.sampling), None in plain (images, labels) batches
+        images, target, view_ids = unpack_batch(
+            batch, self.student.preprocessing.in_chans, self.num_classes, not batch_idx
+        )
         if self.mixup is not None:  # once, here: the teacher and the student get the same mixed tensor
             key = (self.global_rank, self.current_epoch, batch_idx)
             images, target = self.mixup(images, target, self.num_classes, key)
         stages = self.loss.feature_stages()
         teacher_logits, teacher_features = self.teacher_outputs(images, view_ids, stages.teacher)
         student_logits, student_features = self.student.forward_with_features(images, stages.student)
-        features = Features(student_features, teacher_features, indices=view_ids[:, 0])
+        check_same_classes(student_logits, teacher_logits)
+        indices = view_ids[:, 0] if view_ids is not None else None  # plain (images, labels) batches carry none
+        features = Features(student_features, teacher_features, indices=indices)
         loss = self.loss(student_logits, teacher_logits, target, features)
         if not torch.isfinite(loss):
             self.stop_on_non_finite_loss(loss, batch_idx)
@@ -120,11 +140,17 @@ class DistillationModule(L.LightningModule):
         if not self.loss.uses_teacher:
             return None, {}
         if isinstance(self.teacher, CachedTeacher):
+            if view_ids is None:
+                raise KdError(
+                    "the teacher-output cache looks the teacher's outputs up by each image's view id, but the training "
+                    "batches are (images, labels) without view ids; train on a kd data module or without the cache"
+                )
             return self.teacher.lookup(view_ids, images.device), {}
         return self.teacher.forward_with_features(images, stages)
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
-        images, target = batch
+    def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
+        in_chans = self.student.preprocessing.in_chans
+        images, target, _ = unpack_batch(batch, in_chans, self.num_classes, check_values=not batch_idx, soft=False)
         student_logits = self.student(images)
         self.val_student.update(student_logits, target)
         self.log_dict(self.val_student, prog_bar=True)
@@ -132,6 +158,7 @@ class DistillationModule(L.LightningModule):
         self.log("student/ece", self.val_student_ece)
         if self.teacher is not None:
             teacher_logits = self.teacher(images)
+            check_same_classes(student_logits, teacher_logits)
             self.val_teacher.update(teacher_logits, target)
             self.val_teacher_ece.update(teacher_logits.softmax(dim=1), target)
             self.log("teacher/ece", self.val_teacher_ece)
@@ -143,15 +170,24 @@ class DistillationModule(L.LightningModule):
 
     def configure_optimizers(self):
         # The student and any trainable loss parts (feature adapters), never the teacher.
-        optimizer = self.optimizer_factory(self, self.global_batch_size())
+        if self.optimizer_factory is None:
+            raise KdError(
+                "DistillationModule got no optimizer; pass optimizer=functools.partial(torch.optim.SGD, lr=0.1) "
+                "(any callable taking the parameters) or override configure_optimizers"
+            )
+        if isinstance(self.optimizer_factory, torch.optim.Optimizer):
+            optimizer = self.optimizer_factory
+        else:
+            optimizer = self.optimizer_factory(self, self.global_batch_size())
         if self.scheduler_factory is None:
             return optimizer
         total_steps = int(self.trainer.estimated_stepping_batches)
         epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
-        scheduler = self.scheduler_factory(
-            optimizer, total_steps=total_steps, steps_per_epoch=max(1, math.ceil(total_steps / epochs))
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        steps_per_epoch = max(1, math.ceil(total_steps / epochs))
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": scheduler_config(self.scheduler_factory, optimizer, total_steps, steps_per_epoch),
+        }
 
     def global_batch_size(self) -> int | None:
         """Images per optimizer step: the per-device batch times devices times accumulated batches."""
@@ -162,7 +198,18 @@ class DistillationModule(L.LightningModule):
 
     def lr_scheduler_step(self, scheduler, metric) -> None:
         # timm schedulers take the number of finished updates, i.e. the index of the next step.
-        scheduler.step_update(num_updates=self.global_step)
+        if hasattr(scheduler, "step_update"):
+            scheduler.step_update(num_updates=self.global_step)
+        else:  # a torch.optim.lr_scheduler, Lightning's way
+            super().lr_scheduler_step(scheduler, metric)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """The LR of every step reaches the loggers also in a user's own Trainer (``python run.py`` configures
+        Lightning's ``LearningRateMonitor`` itself; it logs as often as ``trainer.log_every_n_steps`` says)."""
+        trainer = self.trainer
+        if not trainer.loggers or any(isinstance(c, LearningRateMonitor) for c in trainer.callbacks):
+            return []
+        return [LearningRateMonitor(logging_interval="step")]
 
     def stop_on_non_finite_loss(self, loss: torch.Tensor, batch_idx: int) -> None:
         """Raised before the backward pass, so the weights and the last checkpoint are still the good ones."""
@@ -182,7 +229,18 @@ class DistillationModule(L.LightningModule):
         wrapped = self.trainer.strategy.model
         teacher_params = {id(p) for p in self.teacher.parameters()}
         if any(id(p) in teacher_params for p in wrapped.parameters()):
-            raise RuntimeError("the teacher is inside the training wrapper; it must not be a registered submodule")
+            raise KdError(
+                "the teacher's parameters are registered inside the LightningModule, so they would be checkpointed and "
+                "wrapped for training; keep the teacher out of the module's attributes (pass it as teacher=)"
+            )
+        trained = sum(
+            id(p) in teacher_params for o in self.trainer.optimizers for g in o.param_groups for p in g["params"]
+        )
+        if trained:
+            raise KdError(
+                f"the optimizer holds {trained} of the teacher's parameter tensors, but the teacher is frozen and "
+                "never trained; build the optimizer from the student's parameters only (self.parameters())"
+            )
         log.info(
             "teacher on %s, outside %s (%d trainable tensors) and the optimizer, process %d of %d",
             self.device,
@@ -191,6 +249,11 @@ class DistillationModule(L.LightningModule):
             self.global_rank + 1,
             self.trainer.world_size,
         )
+
+    def on_fit_end(self) -> None:
+        """The fingerprint check also ends a fit in a user's own Trainer (kd's tasks record the end fingerprint)."""
+        if self.teacher is not None:
+            self.teacher.check_unchanged()
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         # A checkpoint with NaN or infinite weights would replace the last good one: refuse to write it.

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning as L
@@ -38,6 +39,12 @@ class ClassificationData(L.LightningDataModule):
         if self.trainer is None:
             return 1, 0
         return self.trainer.world_size, self.trainer.global_rank
+
+    def batches_per_epoch(self, num_replicas: int) -> int:
+        """Training batches per process and epoch, as ``loader`` cuts them (the last one dropped when short)."""
+        per_process = math.ceil(len(self.train_set) / num_replicas)
+        batches, short = divmod(per_process, self.batch_size)
+        return batches if per_process > self.batch_size else batches + bool(short)
 
     def training_loader(
         self, num_replicas: int, rank: int, seed: int, start_epoch: int = 0, skip: int = 0

@@ -18,6 +18,7 @@ from kd.students.export import export_student
 from kd.tasks.auto_weights import auto_weights
 from kd.tasks.checks import check_before_work
 from kd.tasks.common import build_data, build_models, build_trainer, optimizer_factory, output_dir, validate
+from kd.tasks.given import Given
 from kd.teachers.fill import teacher_for_run
 from kd.training.resume import ResumePoint
 
@@ -32,22 +33,27 @@ def train(cfg: DictConfig) -> dict:
     return fit(cfg, task="train")
 
 
-def fit(cfg: DictConfig, task: str) -> dict:
+def fit(cfg: DictConfig, task: str, given: Given | None = None) -> dict:
+    """The run of ``task=distill`` and ``task=train``; ``given`` parts (``kd.distill``) replace those of ``cfg``."""
+    given = given or Given()
     start = time.perf_counter()
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # models with weights=none start from this seed
     out = output_dir(cfg)
-    loss = instantiate(cfg.loss)
+    loss = given.loss if given.loss is not None else instantiate(cfg.loss)
     mixup = instantiate(cfg.mixup) if cfg.get("mixup") else None  # checks the batch size before any work
     optimizer = optimizer_factory(cfg)
     scheduler = instantiate(cfg.sched) if cfg.get("sched") else None
-    data = build_data(cfg, cfg.student)
+    data = given.data if given.data is not None else build_data(cfg, cfg.student)
     throughput, history = TrainThroughput(), ValidationHistory()
     card_callback = CardInCheckpoint(None)
     trainer = build_trainer(cfg, out, [throughput, history, card_callback])
     check_before_work(cfg, data, loss, scheduler, trainer)
     resume = ResumePoint.find(cfg.get("ckpt_path"), trainer)
 
-    teacher, student = build_models(cfg, data.num_classes, auto_weights(cfg, data), with_teacher=task == "distill")
+    if given.student is not None:
+        teacher, student = given.teacher, given.student
+    else:
+        teacher, student = build_models(cfg, data.num_classes, auto_weights(cfg, data), with_teacher=task == "distill")
     if teacher is not None:  # the frozen teacher, or its outputs stored in teacher.cache (filled here)
         teacher = teacher_for_run(cfg, teacher, loss, data, mixup, trainer)
     # Seeded before the module: losses build their trainable parts (feature adapters) in it.

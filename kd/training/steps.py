@@ -11,9 +11,7 @@ from kd.data import ClassificationData
 
 def planned_steps(trainer: L.Trainer, data: ClassificationData) -> tuple[int, int]:
     """(optimizer steps of the whole run, per epoch), counted as Lightning will count them once it runs."""
-    per_process = math.ceil(len(data.train_set) / trainer.world_size)
-    batch_size = data.batch_size
-    batches = per_process // batch_size if per_process > batch_size else math.ceil(per_process / batch_size)
+    batches = data.batches_per_epoch(trainer.world_size)
     limit = trainer.limit_train_batches
     batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
     per_epoch = math.ceil(batches / trainer.accumulate_grad_batches)
