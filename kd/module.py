@@ -16,6 +16,7 @@ from kd.errors import KdError, NonFiniteError
 from kd.losses.base import DistillationLoss, Features
 from kd.models import Classifier
 from kd.optim import OptimizerRecipe
+from kd.students.fast import check_compile, to_channels_last, wants_channels_last
 from kd.teachers import FrozenTeacher
 from kd.teachers.cache import CachedTeacher
 
@@ -47,6 +48,8 @@ class DistillationModule(L.LightningModule):
 
     ``optimizer`` is an ``OptimizerRecipe`` or a plain ``torch.optim`` partial; ``mixup`` (a
     ``BatchMixup``) mixes each training batch once, so teacher and student see the same tensor.
+    ``channels_last`` (true, false or auto: conv nets only) keeps the student's weights and inputs in NHWC
+    memory order, and ``compile`` runs its forward pass through ``torch.compile`` (see ``kd.students.fast``).
     """
 
     def __init__(
@@ -58,6 +61,8 @@ class DistillationModule(L.LightningModule):
         num_classes: int,
         teacher: FrozenTeacher | CachedTeacher | None = None,
         mixup: BatchMixup | None = None,
+        channels_last: bool | str | None = "auto",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if teacher is None and loss.uses_teacher:
@@ -68,6 +73,13 @@ class DistillationModule(L.LightningModule):
         self.loss = loss
         self.__dict__["teacher"] = teacher  # bypasses nn.Module registration, see the class docstring
         loss.bind(student, teacher)
+        check_compile(compile, loss.feature_stages().student)
+        self.channels_last = wants_channels_last(channels_last, student)
+        if self.channels_last:  # same values, another memory order; exported weights are written contiguous
+            student.to(memory_format=torch.channels_last)
+        # The compiled forward shares the student's parameters; kept out of the module tree (no second copy
+        # of the weights in state_dict()).
+        self.__dict__["student_forward"] = torch.compile(student) if compile else student
         self.num_classes = num_classes
         self.mixup = mixup
         is_recipe = optimizer is None or isinstance(optimizer, OptimizerRecipe)
@@ -93,9 +105,14 @@ class DistillationModule(L.LightningModule):
         if self.mixup is not None:  # once, here: the teacher and the student get the same mixed tensor
             key = (self.global_rank, self.current_epoch, batch_idx)
             images, target = self.mixup(images, target, self.num_classes, key)
+        if self.channels_last:
+            images = to_channels_last(images)
         stages = self.loss.feature_stages()
         teacher_logits, teacher_features = self.teacher_outputs(images, view_ids, stages.teacher)
-        student_logits, student_features = self.student.forward_with_features(images, stages.student)
+        if stages.student:
+            student_logits, student_features = self.student.forward_with_features(images, stages.student)
+        else:
+            student_logits, student_features = self.student_forward(images), {}
         loss = self.loss(student_logits, teacher_logits, target, Features(student_features, teacher_features))
         if not torch.isfinite(loss):
             self.stop_on_non_finite_loss(loss, batch_idx)
@@ -118,6 +135,8 @@ class DistillationModule(L.LightningModule):
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
         images, target = batch
+        if self.channels_last:
+            images = to_channels_last(images)
         student_logits = self.student(images)
         self.val_student.update(student_logits, target)
         self.log_dict(self.val_student, prog_bar=True)

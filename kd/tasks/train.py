@@ -6,6 +6,7 @@ import logging
 import time
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -16,6 +17,7 @@ from kd.export import export_student
 from kd.module import DistillationModule
 from kd.report import print_summary
 from kd.resume import ResumePoint
+from kd.students.fast import check_compile, wants_channels_last
 from kd.tasks.cache_teacher import cached_teacher
 from kd.tasks.common import (
     build_data,
@@ -44,6 +46,8 @@ def fit(cfg: DictConfig, task: str) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # models with weights=none start from this seed
     out = output_dir(cfg)
     loss = instantiate(cfg.loss)
+    check_compile(bool(cfg.student.get("compile", False)), loss.feature_stages().student)  # before any work
+    wants_channels_last(cfg.student.get("channels_last", "auto"), torch.nn.Module())  # refuses a bad value now
     mixup = instantiate(cfg.mixup) if cfg.get("mixup") else None  # checks the batch size before any work
     optimizer = optimizer_factory(cfg)
     scheduler = instantiate(cfg.sched) if cfg.get("sched") else None
@@ -61,7 +65,17 @@ def fit(cfg: DictConfig, task: str) -> dict:
         teacher = cached_teacher(cfg, teacher, data, mixup, trainer)
     # Seeded before the module: losses build their trainable parts (feature adapters) in it.
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = DistillationModule(student, loss, optimizer, scheduler, data.num_classes, teacher, mixup)
+    module = DistillationModule(
+        student,
+        loss,
+        optimizer,
+        scheduler,
+        data.num_classes,
+        teacher,
+        mixup,
+        channels_last=cfg.student.get("channels_last", "auto"),
+        compile=bool(cfg.student.get("compile", False)),
+    )
     if resume is not None:
         resume.check(module, teacher and teacher.start_fingerprint, data.batch_size, trainer.world_size)
     provenance = {"teacher": cfg.teacher.name, "teacher_fingerprint": teacher.start_fingerprint} if teacher else {}
