@@ -5,8 +5,8 @@ On the same models, batch and data, measures images/s of
 - ``kd_step``: a distillation step of kd (Lightning Trainer + DistillationModule, the default config:
   CSV and (offline) wandb loggers, per-step LR and loss logging, checkpoint callback); ``kd_step_no_loggers``: the same
   without loggers, LR monitor and checkpointing, to tell Lightning's own cost from our logging's;
-- ``hand_loop``: a hand-written PyTorch loop doing the identical computation (same teacher in the same
-  memory format, same student initialization, loss object, optimizer and per-step LR schedule, same
+- ``hand_loop``: a hand-written PyTorch loop doing the identical computation (same teacher and student in the
+  same memory formats, same student initialization, loss object, optimizer and per-step LR schedule, same
   DataLoader), with nothing else: no logging, no checks;
 - ``student_only``: a supervised step of the student alone (kd, ``loss=ce``, no teacher);
 - ``teacher_inference``: kd's frozen teacher alone on batches already loaded (and
@@ -67,6 +67,7 @@ from torch.utils.data import Dataset  # noqa: E402
 from kd.config import CONF_DIR, register_models  # noqa: E402
 from kd.losses import LabelCrossEntropy  # noqa: E402
 from kd.module import DistillationModule  # noqa: E402
+from kd.students.fast import to_channels_last, wants_channels_last  # noqa: E402
 from kd.tasks.cache_teacher import open_teacher_cache  # noqa: E402
 from kd.tasks.common import build_data, build_student, build_teacher, build_trainer, optimizer_factory  # noqa: E402
 from kd.teachers import FrozenTeacher  # noqa: E402
@@ -238,6 +239,10 @@ def hand_loop(setup: Setup) -> tuple[float, float]:
     device, precision = setup.device, setup.args.precision
     teacher = setup.teacher.model.to(device)  # the same network, in the same (channels-last) memory format
     student = setup.fresh_student().to(device).train()
+    # The same student memory format as kd's default (student.channels_last=auto: NHWC for conv nets).
+    channels_last = wants_channels_last("auto", student)
+    if channels_last:
+        student.to(memory_format=torch.channels_last)
     optimizer = optimizer_factory(setup.cfg)(student)
     # As DistillationModule.configure_optimizers computes it (max_epochs=-1 counts as one epoch).
     steps_per_epoch = setup.total_steps
@@ -255,7 +260,8 @@ def hand_loop(setup: Setup) -> tuple[float, float]:
             with autocast:
                 with torch.no_grad():
                     teacher_logits = teacher(images.contiguous(memory_format=torch.channels_last))
-                loss = setup.loss(student(images), teacher_logits, target)
+                student_images = to_channels_last(images) if channels_last else images
+                loss = setup.loss(student(student_images), teacher_logits, target)
             optimizer.zero_grad()
             if scaler is None:
                 loss.backward()
