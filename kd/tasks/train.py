@@ -18,6 +18,7 @@ from kd.module import DistillationModule
 from kd.report import print_summary
 from kd.resume import ResumePoint
 from kd.students.fast import check_compile, wants_channels_last
+from kd.students.speed import student_speed
 from kd.tasks.cache_teacher import cached_teacher
 from kd.tasks.common import (
     build_data,
@@ -104,6 +105,9 @@ def fit(cfg: DictConfig, task: str) -> dict:
     }
     if trainer.is_global_zero:
         export_student(student, card, out, ["safetensors"])  # student.safetensors + student.json
+        if cfg.student.get("measure_speed", True):  # the deployed student's latency, FLOPs, parameters
+            image_size = tuple(data.val_set[0][0].shape)
+            results["student_speed"] = student_speed(student, image_size, trainer.strategy.root_device)
         write_results(out, cfg, task, **results)
         print_summary(task, metrics)
     return results
