@@ -13,7 +13,7 @@ import gpu  # noqa: E402
 
 
 def test_the_gpu_benchmark_runs_kd_and_the_hand_loop_in_both_memory_formats_on_a_cpu(capsys):
-    tiny = ["--device", "cpu", "--teacher", "resnet8", "--student", "resnet8", "--image-size", "16", "--batch-size", "4"]
+    tiny = ["--device", "cpu", "--teacher", "resnet8", "--student", "resnet8", "--image-size", "16", "--batch-size=4"]
     assert gpu.main([*tiny, "--steps", "2", "--warmup", "1", "--no-compile", "--precisions", "32-true"]) == 0
     result = json.loads(capsys.readouterr().out)
     runs = {(r["runner"], r["channels_last"], r["compile"]): r for r in result["runs"]}
