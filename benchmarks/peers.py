@@ -226,6 +226,7 @@ def main(argv: list[str] | None = None) -> None:
                     raise RuntimeError(f"the {side} run failed:\n{done.stderr[-3000:]}")
                 line = next(line for line in done.stdout.splitlines() if line.startswith("{"))
                 runs[side].append(round(json.loads(line)["images_per_s"], 2))
+                print(f"round {round_index + 1}/{args.rounds} {side}: {runs[side][-1]} images/s", file=sys.stderr)
     load_after = os.getloadavg()
     median = {side: round(statistics.median(values), 2) for side, values in runs.items()}
     import lightning
