@@ -5,8 +5,8 @@ On the same models, batch and data, measures images/s of
 - ``kd_step``: a distillation step of kd (Lightning Trainer + DistillationModule, the default config:
   CSV and (offline) wandb loggers, per-step LR and loss logging, checkpoint callback); ``kd_step_no_loggers``: the same
   without loggers, LR monitor and checkpointing, to tell Lightning's own cost from our logging's;
-- ``hand_loop``: a hand-written PyTorch loop doing the identical computation (same teacher in the same
-  memory format, same student initialization, loss object, optimizer and per-step LR schedule, same
+- ``hand_loop``: a hand-written PyTorch loop doing the identical computation (same teacher and student in the
+  same memory formats, same student initialization, loss object, optimizer and per-step LR schedule, same
   DataLoader), with nothing else: no logging, no checks;
 - ``student_only``: a supervised step of the student alone (kd, ``loss=ce``, no teacher);
 - ``teacher_inference``: kd's frozen teacher alone on batches already loaded (and
@@ -68,6 +68,7 @@ from kd.launch.configs import CONF_DIR, register_models  # noqa: E402
 from kd.losses import LabelCrossEntropy  # noqa: E402
 from kd.module import DistillationModule  # noqa: E402
 from kd.students.build import build_student  # noqa: E402
+from kd.students.fast import to_channels_last, wants_channels_last  # noqa: E402
 from kd.tasks.common import build_data, build_trainer, optimizer_factory  # noqa: E402
 from kd.teachers import FrozenTeacher  # noqa: E402
 from kd.teachers.build import build_teacher  # noqa: E402
@@ -219,7 +220,8 @@ def images_per_s(ends: list[tuple[float, float]], setup: Setup) -> tuple[float, 
     return tuple(images / (last - first) for first, last in zip(ends[warmup - 1], ends[-1], strict=True))
 
 
-def lightning_run(setup: Setup, teacher, loss, loggers: bool = True) -> tuple[float, float]:
+def lightning_run(setup: Setup, teacher, loss, loggers: bool = True, **module_options) -> tuple[float, float]:
+    """kd's step; ``module_options``: DistillationModule's ``channels_last`` and ``compile`` (benchmarks/gpu.py)."""
     module = DistillationModule(
         setup.fresh_student(),
         loss,
@@ -227,6 +229,7 @@ def lightning_run(setup: Setup, teacher, loss, loggers: bool = True) -> tuple[fl
         instantiate(setup.cfg.sched),
         setup.data.num_classes,
         teacher,
+        **module_options,
     )
     clock = StepClock(setup)
     cfg = setup.cfg if loggers else setup.cfg_no_loggers
@@ -235,11 +238,20 @@ def lightning_run(setup: Setup, teacher, loss, loggers: bool = True) -> tuple[fl
     return images_per_s(clock.ends, setup)
 
 
-def hand_loop(setup: Setup) -> tuple[float, float]:
-    """What a careful user writes by hand: the same computation, nothing else."""
+def hand_loop(setup: Setup, channels_last: bool | str = "auto", compile: bool = False) -> tuple[float, float]:
+    """What a careful user writes by hand: the same computation, nothing else. ``channels_last`` and
+    ``compile`` as kd's switches do it (benchmarks/gpu.py); by default the formats of kd's defaults."""
     device, precision = setup.device, setup.args.precision
-    teacher = setup.teacher.model.to(device)  # the same network, in the same (channels-last) memory format
+    teacher = setup.teacher.model.to(device)  # the same network, in the same memory format as kd's teacher
     student = setup.fresh_student().to(device).train()
+    # The same student memory format as kd's default (student.channels_last=auto: NHWC for conv nets).
+    channels_last = wants_channels_last(channels_last, student)
+    if channels_last:
+        student.to(memory_format=torch.channels_last)
+    teacher_cl = setup.teacher.channels_last
+    forward_teacher, forward_student = teacher, student
+    if compile:
+        forward_teacher, forward_student = torch.compile(teacher), torch.compile(student)
     optimizer = optimizer_factory(setup.cfg)(student)
     # As DistillationModule.configure_optimizers computes it (max_epochs=-1 counts as one epoch).
     steps_per_epoch = setup.total_steps
@@ -256,8 +268,9 @@ def hand_loop(setup: Setup) -> tuple[float, float]:
             images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
             with autocast:
                 with torch.no_grad():
-                    teacher_logits = teacher(images.contiguous(memory_format=torch.channels_last))
-                loss = setup.loss(student(images), teacher_logits, target)
+                    teacher_logits = forward_teacher(to_channels_last(images) if teacher_cl else images)
+                student_images = to_channels_last(images) if channels_last else images
+                loss = setup.loss(forward_student(student_images), teacher_logits, target)
             optimizer.zero_grad()
             if scaler is None:
                 loss.backward()

@@ -18,6 +18,7 @@ from kd.data.mixup import BatchMixup
 from kd.errors import KdError, NonFiniteError
 from kd.losses.base import DistillationLoss, Features
 from kd.models import Classifier
+from kd.students.fast import check_compile, to_channels_last, wants_channels_last
 from kd.teachers.cache import CachedTeacher
 from kd.teachers.frozen import FrozenTeacher
 from kd.teachers.pair import check_same_classes, checked_models
@@ -60,6 +61,9 @@ class DistillationModule(L.LightningModule):
     interval). ``mixup`` (a ``BatchMixup``) mixes each training batch once, so teacher and student see the same
     tensor. Batches are ``(images, labels)``; kd's data modules add ``view_ids``, which only the teacher-output
     cache needs.
+
+    ``channels_last`` (true, false or auto: conv nets only) keeps the student's weights and inputs in NHWC
+    memory order, and ``compile`` runs its forward pass through ``torch.compile`` (see ``kd.students.fast``).
     """
 
     def __init__(
@@ -71,6 +75,8 @@ class DistillationModule(L.LightningModule):
         num_classes: int | None = None,
         teacher: FrozenTeacher | CachedTeacher | nn.Module | None = None,
         mixup: BatchMixup | None = None,
+        channels_last: bool | str | None = "auto",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if teacher is None and loss.uses_teacher:
@@ -82,6 +88,13 @@ class DistillationModule(L.LightningModule):
         self.loss = loss
         self.__dict__["teacher"] = teacher  # bypasses nn.Module registration, see the class docstring
         loss.bind(student, teacher)
+        check_compile(compile, loss.feature_stages().student)
+        self.channels_last = wants_channels_last(channels_last, student)
+        if self.channels_last:  # same values, another memory order; exported weights are written contiguous
+            student.to(memory_format=torch.channels_last)
+        # The compiled forward shares the student's parameters; kept out of the module tree (no second copy
+        # of the weights in state_dict()).
+        self.__dict__["student_forward"] = torch.compile(student) if compile else student
         self.num_classes = num_classes
         self.mixup = mixup
         is_ready = optimizer is None or isinstance(optimizer, OptimizerRecipe | torch.optim.Optimizer)
@@ -117,9 +130,14 @@ class DistillationModule(L.LightningModule):
         if self.mixup is not None:  # once, here: the teacher and the student get the same mixed tensor
             key = (self.global_rank, self.current_epoch, batch_idx)
             images, target = self.mixup(images, target, self.num_classes, key)
+        if self.channels_last:
+            images = to_channels_last(images)
         stages = self.loss.feature_stages()
         teacher_logits, teacher_features = self.teacher_outputs(images, view_ids, stages.teacher)
-        student_logits, student_features = self.student.forward_with_features(images, stages.student)
+        if stages.student:
+            student_logits, student_features = self.student.forward_with_features(images, stages.student)
+        else:
+            student_logits, student_features = self.student_forward(images), {}
         check_same_classes(student_logits, teacher_logits)
         indices = view_ids[:, 0] if view_ids is not None else None  # plain (images, labels) batches carry none
         features = Features(student_features, teacher_features, indices=indices)
@@ -151,6 +169,8 @@ class DistillationModule(L.LightningModule):
     def validation_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> None:
         in_chans = self.student.preprocessing.in_chans
         images, target, _ = unpack_batch(batch, in_chans, self.num_classes, check_values=not batch_idx, soft=False)
+        if self.channels_last:
+            images = to_channels_last(images)
         student_logits = self.student(images)
         self.val_student.update(student_logits, target)
         self.log_dict(self.val_student, prog_bar=True)

@@ -192,6 +192,8 @@ def markdown_table(jobs: list[Job], grouped: tuple[list[Variant], list[str]] | N
     with_baseline = any(baseline_of(v, variants) for v in rows)
     header = ["variant", "seeds", "student top-1 %"] + ["Δ top-1 vs ce (points)"] * with_baseline
     header += [COLUMN_TITLES[key] for key in optional] + ["time s"]
+    with_speed = any(latency_ms(job) is not None for job in jobs)
+    header += ["student ms/image", "student MFLOPs"] * with_speed
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for variant in rows:
         cells = [variant.label, seeds_cell(variant), percent(variant.values(TOP1))]
@@ -199,9 +201,26 @@ def markdown_table(jobs: list[Job], grouped: tuple[list[Variant], list[str]] | N
         cells += [percent(variant.values(key)) for key in optional]
         times = [job.results["wall_time_s"] for job in variant.finished if "wall_time_s" in job.results]
         cells.append(f"{statistics.mean(times):.1f}" if times else "—")
+        if with_speed:
+            cells += speed_cells(variant)
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines) if rows else "No job finished."
     return table + "\n\n" + "\n".join(notes(jobs, common)) + "\n"
+
+
+def latency_ms(job: Job) -> float | None:
+    """The final student's eager latency at batch 1 (kd.students.speed), when the job measured it."""
+    return (job.results.get("student_speed") or {}).get("eager", {}).get("batch1_ms_per_image")
+
+
+def speed_cells(variant: Variant) -> list[str]:
+    """Mean latency at batch 1 and FLOPs per image of the variant's final students (the same net across seeds)."""
+    latencies = [ms for ms in map(latency_ms, variant.finished) if ms is not None]
+    flops = [job.results["student_speed"]["flops_per_image"] for job in variant.finished if latency_ms(job)]
+    return [
+        f"{statistics.mean(latencies):.2f}" if latencies else "—",
+        f"{statistics.mean(flops) / 1e6:.1f}" if flops else "—",
+    ]
 
 
 COLUMN_TITLES = {"student/top5": "student top-5 %", "agreement": "agreement %", "teacher/top1": "teacher top-1 %"}
@@ -249,8 +268,11 @@ def plot(variants: list[Variant], path: Path) -> Path:
     from matplotlib.figure import Figure  # the Agg canvas, no GUI backend and no global pyplot state
 
     rows = ranked(variants)
-    figure = Figure(figsize=(12, max(3.5, 0.45 * len(rows) + 2)), layout="constrained")
-    bars, curves = figure.subplots(1, 2, width_ratios=[1, 1.2])
+    with_speed = any(latency_ms(job) is not None for v in rows for job in v.finished)
+    width = 17 if with_speed else 12
+    figure = Figure(figsize=(width, max(3.5, 0.45 * len(rows) + 2)), layout="constrained")
+    panels = figure.subplots(1, 3 if with_speed else 2, width_ratios=[1, 1.2, 1] if with_speed else [1, 1.2])
+    bars, curves = panels[0], panels[1]
     colors = {v.label: f"C{i % 10}" for i, v in enumerate(rows)}
     names = [v.label for v in rows][::-1]
     means = [100 * v.mean(TOP1) for v in rows][::-1]
@@ -276,7 +298,22 @@ def plot(variants: list[Variant], path: Path) -> Path:
     curves.set_ylabel("student top-1 %")
     curves.set_title("validation top-1 of every job")
     curves.grid(alpha=0.3)
+    if with_speed:
+        tradeoff(panels[2], rows, colors)
     return write_atomic(path, lambda tmp: figure.savefig(tmp, format="png", dpi=80))
+
+
+def tradeoff(axes, rows: list[Variant], colors: dict[str, str]) -> None:
+    """Accuracy against deployment latency: every finished job that measured its student's speed."""
+    for variant in rows:
+        points = [(latency_ms(job), 100 * job.metrics[TOP1]) for job in variant.finished if TOP1 in job.metrics]
+        points = [(ms, top1) for ms, top1 in points if ms is not None]
+        if points:
+            axes.scatter(*zip(*points, strict=True), color=colors[variant.label], label=variant.label, s=30)
+    axes.set_xlabel("student latency, ms per image at batch 1 (eager, run's device)")
+    axes.set_ylabel("student top-1 %")
+    axes.set_title("accuracy vs latency")
+    axes.grid(alpha=0.3)
 
 
 # --- all three files ------------------------------------------------------------------------------------

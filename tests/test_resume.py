@@ -32,10 +32,10 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def start_and_kill(folder, cache_dir, kill_after_step: int) -> dict:
+def start_and_kill(folder, cache_dir, kill_after_step: int, run: list[str] = RUN) -> dict:
     """Start the run, SIGKILL it once a checkpoint of step >= kill_after_step exists; its last checkpoint."""
     env = {**os.environ, "KD_CACHE_DIR": str(cache_dir), "WANDB_MODE": "offline"}
-    command = [sys.executable, str(ROOT / "run.py"), *RUN, f"hydra.run.dir={folder}"]
+    command = [sys.executable, str(ROOT / "run.py"), *run, f"hydra.run.dir={folder}"]
     log = (folder.parent / "killed.err").open("w")
     process = subprocess.Popen(command, cwd=folder.parent, env=env, stdout=subprocess.DEVNULL, stderr=log)
     last = folder / "checkpoints" / "last.ckpt"
@@ -59,18 +59,20 @@ def start_and_kill(folder, cache_dir, kill_after_step: int) -> dict:
 
 
 @pytest.mark.slow
-def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_and_metrics(tmp_path, cache_dir):
+@pytest.mark.parametrize("memory_format", ["student.channels_last=true", "student.channels_last=false"])
+def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_and_metrics(tmp_path, cache_dir, memory_format):
+    run = [*RUN, memory_format]  # the student's NHWC and NCHW formats both resume exactly
     kill_after = random.Random().choice([s for s in range(3, TOTAL_STEPS - 8) if s % 22])  # not at an epoch end
     alone, killed = tmp_path / "alone", tmp_path / "killed"
     alone.mkdir(), killed.mkdir()
-    result = run_cli(*RUN, cwd=alone, cache_dir=cache_dir)
+    result = run_cli(*run, cwd=alone, cache_dir=cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
 
-    last = start_and_kill(killed, cache_dir, kill_after)
+    last = start_and_kill(killed, cache_dir, kill_after, run)
     stopped_at = last["global_step"]
     assert 0 < stopped_at < TOTAL_STEPS, f"killed after step {kill_after}, last checkpoint at {stopped_at}"
     assert not (killed / "results.json").exists()
-    resumed = run_cli(*RUN, "ckpt_path=last", cwd=killed, cache_dir=cache_dir)
+    resumed = run_cli(*run, "ckpt_path=last", cwd=killed, cache_dir=cache_dir)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"(epoch {last['epoch']}, step {stopped_at})" in (killed / "run.log").read_text()
 

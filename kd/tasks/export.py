@@ -9,6 +9,7 @@ from omegaconf import DictConfig, ListConfig
 from kd.errors import KdError
 from kd.results.files import write_results
 from kd.students.export import check_formats, export_student
+from kd.students.speed import student_speed
 from kd.tasks.common import output_dir, trained_student_of
 
 
@@ -31,6 +32,8 @@ def export(cfg: DictConfig) -> dict:
         "wall_time_s": round(time.perf_counter() - start, 3),
         "output_dir": str(out),
     }
+    if cfg.student.get("measure_speed", True):  # on the CPU, and through ONNX Runtime when exported to ONNX
+        results["student_speed"] = student_speed(student, card.preprocessing.input_size, onnx=written.get("onnx"))
     write_results(out, cfg, "export", **results)
     for fmt, path in written.items():
         print(f"{fmt}: {path}")

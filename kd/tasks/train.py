@@ -6,6 +6,7 @@ import logging
 import time
 
 import lightning as L
+import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
@@ -15,6 +16,8 @@ from kd.results.files import write_results
 from kd.results.report import print_summary
 from kd.students.card import CardInCheckpoint, card_for
 from kd.students.export import export_student
+from kd.students.fast import check_compile, wants_channels_last
+from kd.students.speed import student_speed
 from kd.tasks.auto_weights import auto_weights
 from kd.tasks.checks import check_before_work
 from kd.tasks.common import build_data, build_models, build_trainer, optimizer_factory, output_dir, validate
@@ -40,6 +43,8 @@ def fit(cfg: DictConfig, task: str, given: Given | None = None) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # models with weights=none start from this seed
     out = output_dir(cfg)
     loss = given.loss if given.loss is not None else instantiate(cfg.loss)
+    check_compile(bool(cfg.student.get("compile", False)), loss.feature_stages().student)  # before any work
+    wants_channels_last(cfg.student.get("channels_last", "auto"), torch.nn.Module())  # refuses a bad value now
     mixup = instantiate(cfg.mixup) if cfg.get("mixup") else None  # checks the batch size before any work
     optimizer = optimizer_factory(cfg)
     scheduler = instantiate(cfg.sched) if cfg.get("sched") else None
@@ -58,7 +63,17 @@ def fit(cfg: DictConfig, task: str, given: Given | None = None) -> dict:
         teacher = teacher_for_run(cfg, teacher, loss, data, mixup, trainer)
     # Seeded before the module: losses build their trainable parts (feature adapters) in it.
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = DistillationModule(student, loss, optimizer, scheduler, data.num_classes, teacher, mixup)
+    module = DistillationModule(
+        student,
+        loss,
+        optimizer,
+        scheduler,
+        data.num_classes,
+        teacher,
+        mixup,
+        channels_last=cfg.student.get("channels_last", "auto"),
+        compile=bool(cfg.student.get("compile", False)),
+    )
     loss.bind_data(len(data.train_set))  # before the resume check compares loss.* shapes (CRD's memories)
     if resume is not None:
         resume.check(module, teacher and teacher.start_fingerprint, data.batch_size, trainer.world_size)
@@ -88,6 +103,9 @@ def fit(cfg: DictConfig, task: str, given: Given | None = None) -> dict:
     }
     if trainer.is_global_zero:
         export_student(student, card, out, ["safetensors"])  # student.safetensors + student.json
+        if cfg.student.get("measure_speed", True):  # the deployed student's latency, FLOPs, parameters
+            image_size = tuple(data.val_set[0][0].shape)
+            results["student_speed"] = student_speed(student, image_size, trainer.strategy.root_device)
         write_results(out, cfg, task, **results)
         print_summary(task, metrics)
     return results
