@@ -68,7 +68,14 @@ from kd.config import CONF_DIR, register_models  # noqa: E402
 from kd.losses import LabelCrossEntropy  # noqa: E402
 from kd.module import DistillationModule  # noqa: E402
 from kd.tasks.cache_teacher import open_teacher_cache  # noqa: E402
-from kd.tasks.common import build_data, build_student, build_teacher, build_trainer, optimizer_factory  # noqa: E402
+from kd.tasks.common import (  # noqa: E402
+    attach_loggers,
+    build_data,
+    build_student,
+    build_teacher,
+    build_trainer,
+    optimizer_factory,
+)
 from kd.teachers import FrozenTeacher  # noqa: E402
 from kd.teachers.cache import CachedTeacher  # noqa: E402
 
@@ -229,6 +236,7 @@ def lightning_run(setup: Setup, teacher, loss, loggers: bool = True) -> tuple[fl
     clock = StepClock(setup)
     cfg = setup.cfg if loggers else setup.cfg_no_loggers
     trainer = build_trainer(cfg, Path(cfg.paths.output_dir), [clock])
+    attach_loggers(cfg, trainer)
     trainer.fit(module, datamodule=setup.data)
     return images_per_s(clock.ends, setup)
 

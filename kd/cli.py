@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from kd.dashboards import finish_dashboards
 from kd.errors import KdError
+from kd.library_warnings import silence_known_library_warnings
 from kd.summary import FAILURE_FILE, write_failure
 
 log = logging.getLogger("kd")
@@ -49,6 +50,7 @@ def drop_advertisements(record: logging.LogRecord) -> bool:
 
 def run_task(cfg: DictConfig) -> float | None:
     """Returns the final student top-1, so Hydra sweepers can optimize it."""
+    silence_known_library_warnings()
     route_lightning_logs_through_hydra()
     in_sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     if in_sweep:

@@ -14,7 +14,16 @@ from omegaconf import DictConfig
 from kd.losses import LabelCrossEntropy
 from kd.module import DistillationModule
 from kd.report import EVAL_ROWS, print_summary
-from kd.tasks.common import build_data, build_teacher, build_trainer, has_teacher, output_dir, validate, write_results
+from kd.tasks.common import (
+    attach_loggers,
+    build_data,
+    build_teacher,
+    build_trainer,
+    has_teacher,
+    output_dir,
+    validate,
+    write_results,
+)
 from kd.tasks.trained import pretrained_cache, trained_student
 
 log = logging.getLogger("kd")
@@ -44,6 +53,7 @@ def evaluate(cfg: DictConfig) -> dict:
         student, LabelCrossEntropy(), optimizer=None, scheduler=None, num_classes=data.num_classes, teacher=teacher
     )
     trainer = build_trainer(cfg, out)
+    attach_loggers(cfg, trainer)
     metrics = validate(trainer, module, data)
     results = {
         "metrics": metrics,

@@ -18,6 +18,7 @@ from kd.report import print_summary
 from kd.resume import ResumePoint
 from kd.tasks.cache_teacher import cached_teacher
 from kd.tasks.common import (
+    attach_loggers,
     build_data,
     build_models,
     build_trainer,
@@ -66,6 +67,7 @@ def fit(cfg: DictConfig, task: str) -> dict:
         resume.check(module, teacher and teacher.start_fingerprint, data.batch_size, trainer.world_size)
     provenance = {"teacher": cfg.teacher.name, "teacher_fingerprint": teacher.start_fingerprint} if teacher else {}
     card = card_callback.card = card_for(student, data, model=cfg.student.get("name"), **provenance)
+    attach_loggers(cfg, trainer)  # every check has passed: only now do csv/ and wandb/ appear
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # training does not depend on what ran before
     before = validate(trainer, module, data)
