@@ -82,7 +82,8 @@ def check_writable_folder(key: str, folder: str) -> None:
         missing.append(existing)
         existing = existing.parent
     if not existing.is_dir():
-        raise KdError(f"{key}={folder} cannot be written ({existing} is not a folder); choose a folder you can write to")
+        reason = f"{existing} is not a folder"
+        raise KdError(f"{key}={folder} cannot be written ({reason}); choose a folder you can write to")
     created: list[Path] = []
     try:
         for path in reversed(missing):
