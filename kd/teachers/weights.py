@@ -149,7 +149,7 @@ def load_into(net: nn.Module, state: dict[str, torch.Tensor], classifier: tuple[
         missing = [k for k in missing if not in_classifier(k)]
         mismatched = []
     problems = [
-        f"{label} {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+        f"{label} {keys[0]}{f' and {len(keys) - 1} more' if len(keys) > 1 else ''}"  # one short line
         for label, keys in (
             ("missing keys", missing),
             ("unexpected keys", unexpected),
@@ -167,7 +167,9 @@ def load_into(net: nn.Module, state: dict[str, torch.Tensor], classifier: tuple[
 
 
 def download_failed(what: str, error: BaseException) -> KdError:
-    first_line = (str(error).splitlines() or [""])[0][:120]
+    first_line = (str(error).splitlines() or [""])[0].strip()
+    if len(first_line) > 60:  # the library's own explanation can be long; the message stays one short line
+        first_line = first_line[:57].rstrip() + "..."
     return KdError(
         f"{what} could not be downloaded ({type(error).__name__}: {first_line}); download them where a network "
         "is available and pass the local file as weights=/path/to/file.safetensors"
