@@ -63,10 +63,10 @@ def test_auto_weights_start_the_student_and_its_cached_accuracy_is_the_initial_a
 def test_a_local_file_starts_the_student(make_cfg, tmp_path):
     cfg = make_cfg(*FAST)
     data = build_data(cfg, cfg.student)
-    cached = load_file(PretrainedCache(cfg.paths.cache_dir, cfg.data, data).path_for(cfg.student))
-    if not cached:  # the session cache has no student yet: a short run fills it
+    cached_path = PretrainedCache(cfg.paths.cache_dir, cfg.data, data).path_for(cfg.student)
+    if not cached_path.is_file():  # the session cache has no student yet: a short run fills it
         fit(make_cfg(*FAST, *SHORT), task="distill")
-        cached = load_file(PretrainedCache(cfg.paths.cache_dir, cfg.data, data).path_for(cfg.student))
+    cached = load_file(cached_path)
     generator = torch.Generator().manual_seed(1)  # other weights than the auto cache's, so a mix-up shows
     mine = {
         k: v + 0.05 * torch.randn(v.shape, generator=generator) if v.is_floating_point() else v
