@@ -69,7 +69,7 @@ from kd.losses import LabelCrossEntropy  # noqa: E402
 from kd.module import DistillationModule  # noqa: E402
 from kd.students.build import build_student  # noqa: E402
 from kd.students.fast import to_channels_last, wants_channels_last  # noqa: E402
-from kd.tasks.common import build_data, build_trainer, optimizer_factory  # noqa: E402
+from kd.tasks.common import attach_loggers, build_data, build_trainer, optimizer_factory  # noqa: E402
 from kd.teachers import FrozenTeacher  # noqa: E402
 from kd.teachers.build import build_teacher  # noqa: E402
 from kd.teachers.cache import CachedTeacher  # noqa: E402
@@ -234,6 +234,7 @@ def lightning_run(setup: Setup, teacher, loss, loggers: bool = True, **module_op
     clock = StepClock(setup)
     cfg = setup.cfg if loggers else setup.cfg_no_loggers
     trainer = build_trainer(cfg, Path(cfg.paths.output_dir), [clock])
+    attach_loggers(cfg, trainer)
     trainer.fit(module, datamodule=setup.data)
     return images_per_s(clock.ends, setup)
 

@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 from kd.data.imagefolder import ImageFolderData
 from kd.errors import KdError
 from kd.launch.configs import CONF_DIR
-from kd.launch.preflight import check_overrides
+from kd.launch.preflight import check_overrides, check_writable_folder, unknown_option_message
 from kd.launch.run import user_error
 from kd.losses import DistillationLoss
 from kd.tasks.checks import check_loss_gives_gradient, check_run_length
@@ -25,15 +25,51 @@ from tests.conftest import FAST, run_cli
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 
 
+# What Hydra itself writes into a run's folder; a refused run must leave nothing else.
+HYDRA_FILES = {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "run.log"}
+MAX_MESSAGE = 300  # characters of one kd error line
+
+
+def files_under(folder: Path, leave_out: Path | None = None) -> set[str]:
+    """Every file below ``folder`` (relative paths), except those under ``leave_out``."""
+    return {
+        str(path.relative_to(folder))
+        for path in folder.rglob("*")
+        if not path.is_dir() and (leave_out is None or leave_out not in path.parents)
+    }
+
+
+def assert_only_hydra_files(out: Path, cache: Path | None = None) -> None:
+    left = files_under(out, leave_out=cache)
+    assert left <= HYDRA_FILES, f"a refused run wrote {sorted(left - HYDRA_FILES)}"
+    if cache is not None:
+        assert not files_under(cache), f"a refused run wrote into the cache: {sorted(files_under(cache))}"
+
+
+@pytest.fixture(autouse=True)
+def kd_messages_are_short_single_lines(monkeypatch):
+    """Every KdError raised by a test of this file (in this process) is one line under MAX_MESSAGE characters."""
+    raised: list[str] = []
+    original = KdError.__init__
+
+    def record(self, *args):
+        original(self, *args)
+        raised.append(str(self))
+
+    monkeypatch.setattr(KdError, "__init__", record)
+    yield
+    for message in raised:
+        assert "\n" not in message and len(message) < MAX_MESSAGE, f"{len(message)} characters: {message!r}"
+
+
 def assert_refused(result, expected: str, out: Path, cache: Path | None = None) -> None:
-    """Exit code 2, the error as the one line starting with 'error:', no traceback, nothing written."""
+    """Exit code 2, the error as one short line starting with 'error:', no traceback, only Hydra's files left."""
     assert result.returncode == 2, result.stderr[-2000:]
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert len(errors) == 1 and errors[0].startswith("error: ") and expected in errors[0], result.stderr[-2000:]
+    assert len(errors[0]) < MAX_MESSAGE + len("error: "), f"{len(errors[0])} characters: {errors[0]}"
     assert "Traceback" not in result.stderr
-    assert not (out / "results.json").exists() and not (out / "checkpoints").exists()
-    if cache is not None:
-        assert not list(cache.rglob("*.safetensors")), "a refused run left a cache entry"
+    assert_only_hydra_files(out, cache)
 
 
 # ---------------------------------------------------------------- the command line (before Hydra composes)
@@ -42,20 +78,35 @@ def assert_refused(result, expected: str, out: Path, cache: Path | None = None) 
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["teacher=nosuch"], "error: teacher=nosuch is unknown; choose one of "),
-        (["student=resnet_nope"], "error: student=resnet_nope is unknown; choose one of "),
+        (["teacher=no_such_model"], f"error: teacher=no_such_model is unknown; see all {len(MODELS)} options with "),
+        (["student=resnet_nope"], "error: student=resnet_nope is unknown; closest: resnet8, resnet50_vd, resnet50_vc"),
         (["loss=nosuch"], "error: loss=nosuch is unknown; choose one of ce, dist, dkd, dml, fitnet, js, kd, kd_ce, "),
         (["data=imagenett"], "error: data=imagenett is unknown; choose one of cifar10, cifar100, digits, fake"),
         (["-m", "loss=kd,nosuch"], "error: loss=nosuch is unknown; choose one of "),
     ],
 )
-def test_unknown_group_option_is_one_line_listing_the_valid_names(tmp_path, args, expected):
+def test_unknown_group_option_is_one_line_naming_valid_names(tmp_path, args, expected):
     result = run_cli(*args, cwd=tmp_path, cache_dir=tmp_path / "cache")
     assert_refused(result, expected, tmp_path, tmp_path / "cache")
     assert result.stderr.strip().splitlines()[-1].startswith(expected)
-    if args[0].startswith(("teacher", "student")):
-        assert all(name in result.stderr for name in MODELS)
-    assert not (tmp_path / ".hydra").exists()  # refused before Hydra made anything
+    if args[0].startswith(("teacher", "student")):  # too many to list: where to see them all
+        assert result.stderr.strip().endswith("options with python -m kd.zoo")
+    assert not files_under(tmp_path)  # refused before Hydra made anything
+
+
+def test_unknown_option_of_a_long_group_names_the_closest_and_where_the_rest_are():
+    with pytest.raises(KdError) as refused:
+        check_overrides(["teacher=resnet50vd"])
+    message = str(refused.value)
+    assert message.startswith("teacher=resnet50vd is unknown; closest: resnet50_vd, ")  # the nearest first
+    assert message.endswith(f"; see all {len(MODELS)} options with python -m kd.zoo")
+    closest = message.split("closest: ")[1].split(";")[0].split(", ")
+    assert 1 < len(closest) <= 4 and set(closest) <= set(MODELS)
+    long_group = [f"option{i:02d}" for i in range(40)]  # a group whose full list would not fit in one short line
+    message = unknown_option_message("loss", "option07x", long_group)
+    assert message.startswith("loss=option07x is unknown; closest: option07, ") and message.endswith(
+        "see all 40 options with ls conf/loss/"
+    )
 
 
 def test_unwritable_hydra_output_folder_is_one_line(tmp_path):
@@ -65,6 +116,28 @@ def test_unwritable_hydra_output_folder_is_one_line(tmp_path):
     expected = f"error: hydra.run.dir={blocker}/run cannot be written ({blocker} is not a folder); choose a folder"
     assert result.returncode == 2 and result.stderr.strip().splitlines()[-1].startswith(expected)
     assert "Traceback" not in result.stderr
+    assert files_under(tmp_path) == {"a-file"}
+
+
+def test_output_folder_the_filesystem_refuses_is_found_by_creating_it(tmp_path):
+    """Permission bits say yes to root; creating the folder is what tells (here: a folder below a regular file)."""
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(KdError, match=rf"^hydra.run.dir={blocker}/sub/deeper cannot be written \({blocker} is not a"):
+        check_writable_folder("hydra.run.dir", f"{blocker}/sub/deeper")
+    proc = Path("/proc/kd-cannot-write-here")
+    if Path("/proc/self").exists():  # Linux: no file can be made directly in /proc, not even by root
+        with pytest.raises(KdError, match=rf"^hydra.run.dir={proc} cannot be written \({proc}: "):
+            check_writable_folder("hydra.run.dir", str(proc))
+        assert not proc.exists()
+
+    fresh = tmp_path / "new" / "deeper" / "run"  # creatable: accepted, and what the check made is gone again
+    check_writable_folder("hydra.sweep.dir", str(fresh))
+    assert files_under(tmp_path) == {"file"} and not (tmp_path / "new").exists()
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    check_writable_folder("hydra.run.dir", str(kept / "run"))
+    assert kept.is_dir() and not list(kept.iterdir())  # the existing folder stays, only the new one went
 
 
 def test_preflight_accepts_valid_overrides_and_sweeps():
@@ -81,10 +154,21 @@ def test_preflight_accepts_valid_overrides_and_sweeps():
 
 
 @pytest.mark.slow
-def test_warmup_longer_than_the_run_is_refused_before_any_model_is_trained(tmp_path):
+@pytest.mark.parametrize(
+    "args, expected",
+    [
+        (["trainer.max_epochs=2", "sched.warmup_epochs=3"], "error: sched.warmup_epochs=3 covers the whole run (66 of"),
+        # offline: the timm weights cannot be downloaded, found when the teacher is built (after the trainer)
+        (["teacher=resnet152_vd", "student=resnet50_vd"], "error: timm weights 'resnet152d' could not be downloaded"),
+    ],
+)
+def test_refused_run_writes_only_hydra_files(tmp_path, args, expected):
+    """Loggers start only after every check: no csv/hparams.yaml, no wandb/offline-run-* of a refused run."""
     cache = tmp_path / "cache"  # empty: weights=auto would train both digits models first
-    result = run_cli("trainer.max_epochs=2", "sched.warmup_epochs=3", cwd=tmp_path, cache_dir=cache)
-    assert_refused(result, "error: sched.warmup_epochs=3 covers the whole run (66 of 44 steps)", tmp_path, cache)
+    offline = {"HF_HUB_OFFLINE": "1"}
+    result = run_cli(*args, cwd=tmp_path, cache_dir=cache, extra_env=offline)
+    assert_refused(result, expected, tmp_path, cache)
+    assert files_under(tmp_path) == HYDRA_FILES  # Hydra did start: the refusal came from kd, after composing
 
 
 # ---------------------------------------------------------------- nonsensical numbers (in process)
@@ -114,7 +198,7 @@ def test_nonsensical_settings_stop_before_any_work(make_cfg, tmp_path, overrides
     refused = user_error(raised.value)  # what the CLI prints (instantiate wraps constructors' errors)
     assert refused is not None and expected in str(refused) and "\n" not in str(refused), raised.value
     assert not list(cache.rglob("*")), "the run trained a model before refusing"
-    assert not (tmp_path / "out" / "results.json").exists() and not (tmp_path / "out" / "checkpoints").exists()
+    assert not files_under(tmp_path / "out"), "a refused run wrote into its output folder"
 
 
 def test_unwritable_output_folder_is_refused(make_cfg, tmp_path):

@@ -62,7 +62,10 @@ def start_and_kill(folder, cache_dir, kill_after_step: int, run: list[str] = RUN
 @pytest.mark.parametrize("memory_format", ["student.channels_last=true", "student.channels_last=false"])
 def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_and_metrics(tmp_path, cache_dir, memory_format):
     run = [*RUN, memory_format]  # the student's NHWC and NCHW formats both resume exactly
-    kill_after = random.Random().choice([s for s in range(3, TOTAL_STEPS - 8) if s % 22])  # not at an epoch end
+    # Seeded (KD_RESUME_KILL_SEED to try another step), logged, and named by every failing assert below.
+    seed = int(os.environ.get("KD_RESUME_KILL_SEED", "0"))
+    kill_after = random.Random(seed).choice([s for s in range(3, TOTAL_STEPS - 8) if s % 22])  # not at an epoch end
+    print(f"kill step {kill_after} (KD_RESUME_KILL_SEED={seed})")
     alone, killed = tmp_path / "alone", tmp_path / "killed"
     alone.mkdir(), killed.mkdir()
     result = run_cli(*run, cwd=alone, cache_dir=cache_dir)
@@ -73,18 +76,18 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_and_metrics(tmp_path
     assert 0 < stopped_at < TOTAL_STEPS, f"killed after step {kill_after}, last checkpoint at {stopped_at}"
     assert not (killed / "results.json").exists()
     resumed = run_cli(*run, "ckpt_path=last", cwd=killed, cache_dir=cache_dir)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"(epoch {last['epoch']}, step {stopped_at})" in (killed / "run.log").read_text()
+    assert resumed.returncode == 0, f"killed after step {kill_after}: {resumed.stderr[-3000:]}"
+    assert f"(epoch {last['epoch']}, step {stopped_at})" in (killed / "run.log").read_text(), f"kill at {kill_after}"
 
     expected, got = load(alone / "checkpoints" / "last.ckpt"), load(killed / "checkpoints" / "last.ckpt")
-    assert got["global_step"] == expected["global_step"] == TOTAL_STEPS
+    assert got["global_step"] == expected["global_step"] == TOTAL_STEPS, f"killed at step {stopped_at}"
     assert expected["state_dict"].keys() == got["state_dict"].keys()
     for key, value in expected["state_dict"].items():
         assert torch.equal(value, got["state_dict"][key]), f"{key} differs after a kill at step {stopped_at}"
     for group, other in zip(
         expected["optimizer_states"][0]["state"].values(), got["optimizer_states"][0]["state"].values(), strict=True
     ):
-        assert torch.equal(group["momentum_buffer"], other["momentum_buffer"])
+        assert torch.equal(group["momentum_buffer"], other["momentum_buffer"]), f"killed at step {stopped_at}"
     metrics = [json.loads((folder / "results.json").read_text())["metrics"] for folder in (alone, killed)]
     assert metrics[0] == metrics[1], f"killed at step {stopped_at}"
 

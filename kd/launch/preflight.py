@@ -7,8 +7,10 @@ checks, so Hydra's full report shows.
 
 from __future__ import annotations
 
+import difflib
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 from hydra._internal.utils import get_args_parser
@@ -40,12 +42,28 @@ def group_options(group: str) -> list[str]:
     return sorted(names)
 
 
+MAX_MESSAGE = 200  # characters: a group whose full list is longer names the closest options and where the rest are
+
+
+def unknown_option_message(group: str, value: str, options: list[str]) -> str:
+    """One short line: every option of a small group, or the closest matches and where all are listed."""
+    folder = group_folder(group).relative_to(CONF_DIR.parent)
+    every = f"{group}={value} is unknown; choose one of {', '.join(options)} (the files in {folder}/)"
+    if len(every) <= MAX_MESSAGE:
+        return every
+    close = difflib.get_close_matches(value, options, n=4, cutoff=0.5)
+    if not close:  # nothing alike as a whole: the options that start as it does
+        close = [option for option in options if option[:3] == value[:3]][:4]
+    hint = f"closest: {', '.join(close)}; " if close else ""
+    where = "python -m kd.zoo" if group in MODEL_ROLES else f"ls {folder}/"
+    return f"{group}={value} is unknown; {hint}see all {len(options)} options with {where}"
+
+
 def check_group_choice(group: str, values: list[str]) -> None:
     options = group_options(group)
     for value in values:
         if value not in options and value != "null":
-            folder = group_folder(group).relative_to(CONF_DIR.parent)
-            raise KdError(f"{group}={value} is unknown; choose one of {', '.join(options)} (the files in {folder}/)")
+            raise KdError(unknown_option_message(group, value, options))
 
 
 def option_names(value: object) -> list[str]:
@@ -54,15 +72,32 @@ def option_names(value: object) -> list[str]:
 
 
 def check_writable_folder(key: str, folder: str) -> None:
-    """The folder exists and is writable, or its nearest existing ancestor is a writable folder."""
+    """Create the folder and a file in it, then remove what this check made: permission bits alone do not tell
+    (root passes ``os.access`` even where the filesystem refuses, as under /proc)."""
     if "${" in folder:  # resolved by Hydra later (the default outputs/${now:...})
         return
-    existing = Path(folder).expanduser().absolute()
+    target = Path(folder).expanduser().absolute()
+    existing, missing = target, []
     while not existing.exists():
+        missing.append(existing)
         existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        reason = "is not a folder" if not existing.is_dir() else "is not writable"
-        raise KdError(f"{key}={folder} cannot be written ({existing} {reason}); choose a folder you can write to")
+    if not existing.is_dir():
+        reason = f"{existing} is not a folder"
+        raise KdError(f"{key}={folder} cannot be written ({reason}); choose a folder you can write to")
+    created: list[Path] = []
+    try:
+        for path in reversed(missing):
+            path.mkdir()
+            created.append(path)
+        handle, probe = tempfile.mkstemp(prefix=".kd-write-test-", dir=target)
+        os.close(handle)
+        os.unlink(probe)
+    except OSError as error:
+        reason = f"{error.filename}: {error.strerror}" if error.filename else str(error)
+        raise KdError(f"{key}={folder} cannot be written ({reason}); choose a folder you can write to") from None
+    finally:
+        for path in reversed(created):  # only the folders this check made, deepest first
+            path.rmdir()
 
 
 def check_overrides(overrides: list[str]) -> None:

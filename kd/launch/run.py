@@ -16,6 +16,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from kd.errors import KdError
+from kd.launch.library_warnings import silence_known_library_warnings
 from kd.results.dashboards import finish_dashboards
 from kd.results.files import FAILURE_FILE, write_failure
 
@@ -49,6 +50,7 @@ def drop_advertisements(record: logging.LogRecord) -> bool:
 
 def run_task(cfg: DictConfig) -> float | None:
     """Returns the final student top-1, so Hydra sweepers can optimize it."""
+    silence_known_library_warnings()
     route_lightning_logs_through_hydra()
     in_sweep = HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
     if in_sweep:

@@ -245,7 +245,9 @@ class ModuleArch:
 
 
 def download_failed(what: str, error: BaseException) -> KdError:
-    first_line = (str(error).splitlines() or [""])[0][:120]
+    first_line = (str(error).splitlines() or [""])[0].strip()
+    if len(first_line) > 60:  # the library's own explanation can be long; the message stays one short line
+        first_line = first_line[:57].rstrip() + "..."
     return KdError(
         f"{what} could not be downloaded ({type(error).__name__}: {first_line}); download them where a network "
         "is available and pass the local file as weights=/path/to/file.safetensors"

@@ -104,17 +104,28 @@ def build_trainer(cfg: DictConfig, out: Path, extra_callbacks: list[L.Callback] 
     interactive = sys.stdout.isatty()
     if trainer_cfg.get("enable_progress_bar") is None:
         trainer_cfg["enable_progress_bar"] = interactive
-    loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
-    for logger in loggers:  # the whole resolved config, so every dashboard run says how it was made
-        logger.log_hyperparams(resolved_config(cfg))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    if not loggers:  # logger=none: nothing to record the LR to
+    if not logger_configs(cfg):  # logger=none: nothing to record the LR to
         callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
     if not trainer_cfg["enable_progress_bar"]:
         callbacks.append(EpochLine())
+    # No logger yet: a logger writes files (csv/, wandb/) when it is built, so attach_loggers adds them once
+    # every check has passed, and a refused run leaves only what Hydra writes.
     return instantiate(
-        trainer_cfg, default_root_dir=str(out), callbacks=callbacks + list(extra_callbacks), logger=loggers or False
+        trainer_cfg, default_root_dir=str(out), callbacks=callbacks + list(extra_callbacks), logger=False
     )
+
+
+def logger_configs(cfg: DictConfig) -> list[DictConfig]:
+    return [c for c in (cfg.get("logger") or {}).values() if c is not None]
+
+
+def attach_loggers(cfg: DictConfig, trainer: L.Trainer) -> None:
+    """Build the configured loggers and hand them to ``trainer``: call it after the last check, before any work."""
+    loggers = [instantiate(c) for c in logger_configs(cfg)]
+    for logger in loggers:  # the whole resolved config, so every dashboard run says how it was made
+        logger.log_hyperparams(resolved_config(cfg))
+    trainer.loggers = loggers
 
 
 def resolved_config(cfg: DictConfig) -> dict[str, Any]:

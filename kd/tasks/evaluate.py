@@ -16,7 +16,7 @@ from kd.module import DistillationModule
 from kd.results.files import write_results
 from kd.results.report import EVAL_ROWS, print_summary
 from kd.tasks.auto_weights import auto_weights
-from kd.tasks.common import build_data, build_trainer, output_dir, trained_student_of, validate
+from kd.tasks.common import attach_loggers, build_data, build_trainer, output_dir, trained_student_of, validate
 from kd.teachers.build import build_teacher, has_teacher
 
 log = logging.getLogger("kd")
@@ -46,6 +46,7 @@ def evaluate(cfg: DictConfig) -> dict:
         student, LabelCrossEntropy(), optimizer=None, scheduler=None, num_classes=data.num_classes, teacher=teacher
     )
     trainer = build_trainer(cfg, out)
+    attach_loggers(cfg, trainer)
     metrics = validate(trainer, module, data)
     results = {
         "metrics": metrics,

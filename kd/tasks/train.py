@@ -20,7 +20,15 @@ from kd.students.fast import check_compile, wants_channels_last
 from kd.students.speed import student_speed
 from kd.tasks.auto_weights import auto_weights
 from kd.tasks.checks import check_before_work
-from kd.tasks.common import build_data, build_models, build_trainer, optimizer_factory, output_dir, validate
+from kd.tasks.common import (
+    attach_loggers,
+    build_data,
+    build_models,
+    build_trainer,
+    optimizer_factory,
+    output_dir,
+    validate,
+)
 from kd.tasks.given import Given
 from kd.teachers.fill import teacher_for_run
 from kd.training.resume import ResumePoint
@@ -79,6 +87,7 @@ def fit(cfg: DictConfig, task: str, given: Given | None = None) -> dict:
         resume.check(module, teacher and teacher.start_fingerprint, data.batch_size, trainer.world_size)
     provenance = {"teacher": cfg.teacher.name, "teacher_fingerprint": teacher.start_fingerprint} if teacher else {}
     card = card_callback.card = card_for(student, data, model=cfg.student.get("name"), **provenance)
+    attach_loggers(cfg, trainer)  # every check has passed: only now do csv/ and wandb/ appear
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # training does not depend on what ran before
     before = validate(trainer, module, data)

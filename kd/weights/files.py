@@ -126,7 +126,7 @@ def load_into(net: nn.Module, state: dict[str, torch.Tensor], classifier: tuple[
         missing = [k for k in missing if not in_classifier(k)]
         mismatched = []
     problems = [
-        f"{label} {', '.join(keys[:5])}{' ...' if len(keys) > 5 else ''}"
+        f"{label} {keys[0]}{f' and {len(keys) - 1} more' if len(keys) > 1 else ''}"  # one short line
         for label, keys in (
             ("missing keys", missing),
             ("unexpected keys", unexpected),
