@@ -11,6 +11,7 @@ from kd.losses.dml import SymmetricKL
 from kd.losses.fitnet import FitNet
 from kd.losses.kd import HintonKD
 from kd.losses.pkt import ProbabilisticKnowledgeTransfer
+from kd.losses.reviewkd import ReviewKD
 from kd.losses.rkd import RelationalKD
 from kd.losses.soft_ce import SoftTargetCrossEntropy
 from kd.losses.sp import SimilarityPreserving
@@ -28,6 +29,7 @@ __all__ = [
     "LabelCrossEntropy",
     "ProbabilisticKnowledgeTransfer",
     "RelationalKD",
+    "ReviewKD",
     "SimilarityPreserving",
     "SoftTargetCrossEntropy",
     "SymmetricKL",
