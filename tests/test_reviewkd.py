@@ -148,7 +148,7 @@ def test_bad_reviewkd_settings_are_refused_with_one_sentence(kwargs, message):
 
 
 def test_reviewkd_passes_the_preflight_check_before_bind(make_cfg):
-    from kd.checks import check_loss_gives_gradient
+    from kd.tasks.checks import check_loss_gives_gradient
 
     cfg = make_cfg("loss=reviewkd")
     loss = instantiate(cfg.loss)
