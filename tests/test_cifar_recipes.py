@@ -12,7 +12,7 @@ from kd.results.files import choices
 from kd.tasks.train import fit
 
 PAIRS = {"": ("resnet32x4", "resnet8x4"), "_wrn": ("wrn_40_2", "wrn_16_2")}
-METHODS = ("ce", "kd", "dkd", "fitnet")
+METHODS = ("ce", "kd", "dkd", "fitnet", "at", "sp", "pkt", "rkd", "crd", "reviewkd")
 RECIPES = [f"cifar100_{method}{suffix}" for suffix in PAIRS for method in METHODS]
 # The authors' top-1 (%): CRD Table 1 (RepDistiller README) for teacher, student, KD and FitNet; the DKD
 # paper (mdistiller README) for DKD. (teacher, student, method)
@@ -25,6 +25,35 @@ PUBLISHED = {
     "cifar100_kd_wrn": (75.61, 73.26, 74.92),
     "cifar100_dkd_wrn": (75.61, 73.26, 76.23),
     "cifar100_fitnet_wrn": (75.61, 73.26, 73.58),
+    # CRD Table 1 (RepDistiller README) for AT, SP, PKT, RKD and CRD; the ReviewKD paper (mdistiller README).
+    "cifar100_at": (79.42, 72.50, 73.44),
+    "cifar100_sp": (79.42, 72.50, 72.94),
+    "cifar100_pkt": (79.42, 72.50, 73.64),
+    "cifar100_rkd": (79.42, 72.50, 71.90),
+    "cifar100_crd": (79.42, 72.50, 75.51),
+    "cifar100_reviewkd": (79.42, 72.50, 75.63),
+    "cifar100_at_wrn": (75.61, 73.26, 74.08),
+    "cifar100_sp_wrn": (75.61, 73.26, 73.83),
+    "cifar100_pkt_wrn": (75.61, 73.26, 74.54),
+    "cifar100_rkd_wrn": (75.61, 73.26, 73.35),
+    "cifar100_crd_wrn": (75.61, 73.26, 75.48),
+    "cifar100_reviewkd_wrn": (75.61, 73.26, 76.12),
+}
+# The loss settings each recipe must carry (mdistiller engine/cfg.py, RepDistiller's run_cifar_distill.sh).
+FEATURE_SETTINGS = {
+    "at": {"beta": 1000.0, "p": 2.0, "ce_weight": 1.0},
+    "sp": {"gamma": 3000.0, "ce_weight": 1.0},
+    "pkt": {"weight": 30000.0, "ce_weight": 1.0},
+    "rkd": {"distance_weight": 25.0, "angle_weight": 50.0, "ce_weight": 1.0},
+    "crd": {
+        "weight": 0.8,
+        "feat_dim": 128,
+        "num_negatives": 16384,
+        "nce_t": 0.07,
+        "nce_momentum": 0.5,
+        "ce_weight": 1.0,
+    },
+    "reviewkd": {"review_weight": 1.0, "warmup_epochs": 20, "max_mid_channels": 512, "ce_weight": 1.0},
 }
 # Two steps on fake data: one batch per epoch, two epochs, the LR drop inside the run.
 SMOKE = [
@@ -70,9 +99,12 @@ def test_recipe_composes_with_the_published_settings(make_cfg, name):
     if method == "fitnet":  # mdistiller: HINT_LAYER 2, CE_WEIGHT 1, FEAT_WEIGHT 100
         assert isinstance(loss, FitNet)
         assert (loss.student_stage, loss.teacher_stage, loss.hint_weight, loss.ce_weight) == (2, 2, 100.0, 1.0)
+    for key, value in FEATURE_SETTINGS.get(method, {}).items():
+        assert cfg.loss[key] == value, (name, key)
     published = cfg.published
     assert (published.teacher_top1, published.student_top1, published.top1) == PUBLISHED[name]
     assert "Table 1" in published.source
+    assert cfg.loss._target_.endswith(type(loss).__name__)
 
 
 @pytest.mark.parametrize("name", ["cifar100_kd", "cifar100_fitnet_wrn"])
@@ -86,7 +118,7 @@ def test_recipe_without_a_teacher_file_stops_before_any_work(make_cfg, tmp_path,
 
 
 # Each takes 20-80 s on a loaded 2-core machine; the two wrn ones (labels, features) stay in the fast suite.
-FAST_SMOKE = ("cifar100_ce_wrn", "cifar100_fitnet_wrn")
+FAST_SMOKE = ("cifar100_ce_wrn", "cifar100_fitnet_wrn", "cifar100_crd")
 
 
 @pytest.mark.parametrize(
