@@ -25,7 +25,7 @@ log = logging.getLogger("kd")
 
 def planned_steps(trainer: L.Trainer, data: ClassificationData) -> tuple[int, int]:
     """(optimizer steps of the whole run, per epoch), counted as Lightning will count them once it runs."""
-    per_process = math.ceil(len(data.train_set) / trainer.world_size)
+    per_process = data.samples_per_process(trainer.world_size)
     batch_size = data.batch_size
     batches = per_process // batch_size if per_process > batch_size else math.ceil(per_process / batch_size)
     limit = trainer.limit_train_batches

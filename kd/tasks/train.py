@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from kd.callbacks import TrainThroughput, ValidationHistory
 from kd.card import CardInCheckpoint, card_for
 from kd.checks import check_before_work
+from kd.data.unlabeled import check_labels_reach_loss, training_images
 from kd.export import export_student
 from kd.module import DistillationModule
 from kd.report import print_summary
@@ -48,6 +49,11 @@ def fit(cfg: DictConfig, task: str) -> dict:
     optimizer = optimizer_factory(cfg)
     scheduler = instantiate(cfg.sched) if cfg.get("sched") else None
     data = build_data(cfg, cfg.student)
+    if task == "train" and data.num_unlabeled:  # the honest baseline: labels only, no unlabeled image
+        log.info("task=train trains on the %d labeled images alone, not on the %d unlabeled ones", data.num_labeled,
+                 data.num_unlabeled)  # fmt: skip
+        data = data.labeled_only()
+    check_labels_reach_loss(data, loss)
     throughput, history = TrainThroughput(), ValidationHistory()
     card_callback = CardInCheckpoint(None)
     trainer = build_trainer(cfg, out, [throughput, history, card_callback])
@@ -85,6 +91,7 @@ def fit(cfg: DictConfig, task: str) -> dict:
         "wall_time_s": round(time.perf_counter() - start, 3),
         "train_images_per_s": round(throughput.images_per_s, 2),
         "world_size": trainer.world_size,
+        "train_images": training_images(data),
         "output_dir": str(out),
         "history": [{"epoch": 0, "step": 0, **before}, *history.records],  # validation after each epoch
     }
