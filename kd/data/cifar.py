@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torchvision import datasets
 from torchvision.transforms import v2 as T
@@ -19,8 +21,9 @@ class CifarData(ClassificationData):
         batch_size: int = 128,
         num_workers: int = 2,
         eval_batch_size: int | None = None,
+        **unlabeled: Any,
     ) -> None:
-        super().__init__(batch_size, num_workers, eval_batch_size)
+        super().__init__(batch_size, num_workers, eval_batch_size, **unlabeled)
         if classes not in (10, 100):
             raise KdError(f"data.classes={classes} is not a CIFAR variant; use 10 or 100")
         self.root = root
@@ -44,3 +47,4 @@ class CifarData(ClassificationData):
         self.train_set = self.dataset(self.root, train=True, transform=train)
         self.val_set = self.dataset(self.root, train=False, transform=T.Compose(to_float))
         self.class_names = list(self.train_set.classes)
+        self.add_unlabeled(T.Compose([T.Resize((32, 32), antialias=True), train]))  # unlabeled files: any size

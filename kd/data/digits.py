@@ -2,12 +2,42 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+from PIL import Image
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
+from torchvision.transforms import v2 as T
 
 from kd.data.base import ClassificationData
+
+
+def shift(image: torch.Tensor, max_shift: int) -> torch.Tensor:
+    """``image`` (1, 8, 8) shifted by up to ``max_shift`` pixels each way, the gap filled with 0."""
+    if not max_shift:
+        return image
+    pad = max_shift
+    # torch's default generator: kd.data.sampling.SeededViews seeds it per (seed, epoch, index).
+    dy, dx = torch.randint(0, 2 * pad + 1, (2,)).tolist()
+    return torch.nn.functional.pad(image, (pad, pad, pad, pad))[:, dy : dy + 8, dx : dx + 8]
+
+
+class DigitsView:
+    """A picture file as a digits training sample (for ``data.unlabeled``): grayscale, 8x8, ink bright (the
+    darker the pixel, the higher its value, as in the digits set), then the training shift."""
+
+    def __init__(self, max_shift: int) -> None:
+        self.max_shift = max_shift
+        self.resize = T.Compose([T.Grayscale(), T.Resize((8, 8), antialias=True), T.ToImage()])
+
+    def __call__(self, picture: Image.Image) -> torch.Tensor:
+        pixels = self.resize(picture).float() / 255.0
+        return shift(1.0 - pixels, self.max_shift)
+
+    def __repr__(self) -> str:
+        return f"DigitsView(grayscale, 8x8, inverted, max_shift={self.max_shift})"
 
 
 class ShiftedDigits(Dataset):
@@ -22,13 +52,7 @@ class ShiftedDigits(Dataset):
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        image = self.images[index]
-        if self.max_shift:
-            pad = self.max_shift
-            # torch's default generator: kd.data.sampling.SeededViews seeds it per (seed, epoch, index).
-            dy, dx = torch.randint(0, 2 * pad + 1, (2,)).tolist()
-            image = torch.nn.functional.pad(image, (pad, pad, pad, pad))[:, dy : dy + 8, dx : dx + 8]
-        return image, int(self.labels[index])
+        return shift(self.images[index], self.max_shift), int(self.labels[index])
 
     def __repr__(self) -> str:
         return f"ShiftedDigits(images={len(self)}, max_shift={self.max_shift})"
@@ -46,8 +70,9 @@ class DigitsData(ClassificationData):
         max_shift: int = 1,
         num_workers: int = 0,
         eval_batch_size: int | None = None,
+        **unlabeled: Any,
     ) -> None:
-        super().__init__(batch_size, num_workers, eval_batch_size)
+        super().__init__(batch_size, num_workers, eval_batch_size, split_seed=split_seed, **unlabeled)
         self.val_fraction = val_fraction
         self.split_seed = split_seed
         self.max_shift = max_shift
@@ -67,3 +92,4 @@ class DigitsData(ClassificationData):
         )
         self.train_set = ShiftedDigits(images[train_idx], labels[train_idx], self.max_shift)
         self.val_set = ShiftedDigits(images[val_idx], labels[val_idx])
+        self.add_unlabeled(DigitsView(self.max_shift))

@@ -44,8 +44,9 @@ class FakeImageData(ClassificationData):
         val_size: int = 32,
         batch_size: int = 16,
         num_workers: int = 0,
+        **unlabeled: Any,
     ) -> None:
-        super().__init__(batch_size, num_workers)
+        super().__init__(batch_size, num_workers, **unlabeled)
         self.image_size = image_size
         self.train_size = train_size
         self.val_size = val_size
@@ -58,3 +59,4 @@ class FakeImageData(ClassificationData):
         view = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True)])
         self.train_set = SeededFakeData(self.train_size, (3, size, size), self.num_classes, view, random_offset=0)
         self.val_set = SeededFakeData(self.val_size, (3, size, size), self.num_classes, view, random_offset=10**6)
+        self.add_unlabeled(T.Compose([T.Resize((size, size), antialias=True), view]))

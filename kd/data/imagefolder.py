@@ -166,8 +166,9 @@ class ImageFolderData(ClassificationData):
         eval_batch_size: int | None = None,
         bad_images: str = "stop",
         check_headers: bool = True,
+        **unlabeled: Any,
     ) -> None:
-        super().__init__(batch_size, num_workers, eval_batch_size)
+        super().__init__(batch_size, num_workers, eval_batch_size, bad_images=bad_images, **unlabeled)
         if root in (None, "", "???"):
             raise KdError("data.root is not set; pass data.root=/path/to/dataset with train/ and val/ inside")
         if bad_images not in BAD_IMAGE_POLICIES:
@@ -203,3 +204,4 @@ class ImageFolderData(ClassificationData):
         size = self.image_size or 224
         self.train_set = self.split("train", train_view(size, self.interpolation))
         self.val_set = self.split("val", eval_view(size, self.interpolation, self.crop_pct))
+        self.add_unlabeled(self.train_set.transform)

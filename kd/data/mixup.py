@@ -41,6 +41,9 @@ def refuse_odd(batch_size: int, where: str) -> None:
 class BatchMixup:
     """timm's ``Mixup`` with its own settings (see conf/mixup/); labels come out as per-class probabilities.
 
+    Unlabeled images (target -1) are mixed as one extra class, whose column is then dropped: a mixed row sums to
+    the known share of its image (``kd.losses.labels`` masks the rest), and no label is invented for it.
+
     Label smoothing is left to the loss (``loss.label_smoothing``), which applies it to these labels.
     """
 
@@ -79,6 +82,9 @@ class BatchMixup:
         """Mix ``images`` (a new tensor; the input is left alone) and return them with the mixed labels.
         ``key`` (rank, epoch, batch index) together with the run seed fixes every random choice."""
         refuse_odd(len(images), "this training batch's size")
-        mixer = Mixup(**self.settings, label_smoothing=0.0, num_classes=num_classes)
+        # Class num_classes stands for "no label"; timm's random draws do not depend on the class count.
+        mixer = Mixup(**self.settings, label_smoothing=0.0, num_classes=num_classes + 1)
+        target = torch.where(target < 0, torch.full_like(target, num_classes), target)
         with numpy_random_state(self.seed, *key):
-            return mixer(images.clone(), target)
+            mixed, soft = mixer(images.clone(), target)
+        return mixed, soft[:, :num_classes]

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 from kd.errors import KdError
 from kd.losses.base import DistillationLoss
-from kd.losses.labels import check_label_smoothing, check_weight, hard_labels, label_cross_entropy
+from kd.losses.labels import check_label_smoothing, check_weight, hard_labels, label_cross_entropy, masked_mean
 from kd.losses.standardize import check_standardization, maybe_standardize
 
 
@@ -32,7 +32,9 @@ class DecoupledKD(DistillationLoss):
     KL between their softmaxes over the non-target classes alone. Both are summed over classes and
     averaged over the batch. ``w(epoch) = min((epoch + 1) / warmup_epochs, 1)`` ramps the KD part up
     linearly over the first ``warmup_epochs`` epochs (mdistiller's schedule, its epochs counted from 1).
-    With mixed (mixup/cutmix) labels the target class is the one with the largest share of the label.
+    With mixed (mixup/cutmix) labels the target class is the one with the largest share of the label. Both KD
+    terms need a target class, so they average over the images that have one (``kd.losses.labels.hard_labels``):
+    an unlabeled image (or a mix mostly of unlabeled images) counts in neither.
     With ``logit_standardization`` both logits are z-scored per image first (``kd.losses.standardize``); the
     label term always sees the raw logits.
     """
@@ -71,10 +73,12 @@ class DecoupledKD(DistillationLoss):
         t = self.temperature
         labels = hard_labels(target)
         student, teacher = maybe_standardize(self.logit_standardization, student_logits, teacher_logits)
+        known = (labels >= 0).float()
+        labels = labels.clamp_min(0)  # a stand-in class for the masked rows, so the shapes stay whole
         student_binary, student_rest = target_and_rest(student / t, labels)
         teacher_binary, teacher_rest = target_and_rest(teacher / t, labels)
-        tckd = F.kl_div(student_binary, teacher_binary, reduction="batchmean", log_target=True)
-        nckd = F.kl_div(student_rest, teacher_rest, reduction="batchmean", log_target=True)
+        tckd = masked_mean(F.kl_div(student_binary, teacher_binary, reduction="none", log_target=True).sum(1), known)
+        nckd = masked_mean(F.kl_div(student_rest, teacher_rest, reduction="none", log_target=True).sum(1), known)
         scale = self.kd_weight * t * t
         terms = {"tckd": scale * self.alpha * tckd, "nckd": scale * self.beta * nckd}
         if self.ce_weight > 0:

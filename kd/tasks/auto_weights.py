@@ -32,8 +32,11 @@ from kd.training.schedule import warmup_cosine
 
 log = logging.getLogger("kd")
 
-# Data settings that change what the model learns; loader settings (workers) do not.
-DATA_KEYS_IGNORED = ("num_workers", "eval_batch_size")
+# Data settings that change what the model learns; loader settings (workers) do not, nor do the unlabeled images
+# (pretraining trains on the labeled images alone, see kd.data.unlabeled).
+DATA_KEYS_IGNORED = ("num_workers", "eval_batch_size", "unlabeled", "unlabeled_ratio")
+# Left out of the key at these values, so weights cached before these settings existed keep their key.
+DATA_DEFAULTS_IGNORED = {"labeled_fraction": 1.0, "bad_images": "stop"}
 
 
 class AutoWeights:
@@ -45,7 +48,9 @@ class AutoWeights:
     ) -> None:
         self.folder = Path(cache_dir).expanduser() / "pretrained"
         self.data_cfg = {
-            k: v for k, v in OmegaConf.to_container(data_cfg, resolve=True).items() if k not in DATA_KEYS_IGNORED
+            k: v
+            for k, v in OmegaConf.to_container(data_cfg, resolve=True).items()
+            if k not in DATA_KEYS_IGNORED and not (k in DATA_DEFAULTS_IGNORED and DATA_DEFAULTS_IGNORED[k] == v)
         }
         self.data = data
         self.accelerator = accelerator
@@ -109,7 +114,7 @@ class AutoWeights:
                 num_sanity_val_steps=0,
                 check_val_every_n_epoch=recipe.epochs,
             )  # validate once, at the end
-            trainer.fit(module, datamodule=self.data)
+            trainer.fit(module, datamodule=self.data.labeled_only())  # no unlabeled image, no hidden label
         top1, seconds = float(trainer.callback_metrics["student/top1"]), time.perf_counter() - start
         write_safetensors(student, card_for(student, self.data, model=model_cfg.name), path)
         write_json_atomic(

@@ -10,6 +10,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import DictConfig
 
+from kd.data.unlabeled import check_labels_reach_loss, training_images
 from kd.module import DistillationModule
 from kd.results.callbacks import TrainThroughput, ValidationHistory
 from kd.results.files import write_results
@@ -57,6 +58,11 @@ def fit(cfg: DictConfig, task: str, given: Given | None = None) -> dict:
     optimizer = optimizer_factory(cfg)
     scheduler = instantiate(cfg.sched) if cfg.get("sched") else None
     data = given.data if given.data is not None else build_data(cfg, cfg.student)
+    if task == "train" and data.num_unlabeled:  # the honest baseline: labels only, no unlabeled image
+        log.info("task=train trains on the %d labeled images alone, not on the %d unlabeled ones", data.num_labeled,
+                 data.num_unlabeled)  # fmt: skip
+        data = data.labeled_only()
+    check_labels_reach_loss(data, loss)
     throughput, history = TrainThroughput(), ValidationHistory()
     card_callback = CardInCheckpoint(None)
     trainer = build_trainer(cfg, out, [throughput, history, card_callback])
@@ -107,6 +113,7 @@ def fit(cfg: DictConfig, task: str, given: Given | None = None) -> dict:
         "wall_time_s": round(time.perf_counter() - start, 3),
         "train_images_per_s": round(throughput.images_per_s, 2),
         "world_size": trainer.world_size,
+        "train_images": training_images(data),
         "output_dir": str(out),
         "history": [{"epoch": 0, "step": 0, **before}, *history.records],  # validation after each epoch
     }

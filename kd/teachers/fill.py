@@ -67,7 +67,13 @@ def content_digest(dataset: Dataset) -> str | None:
     """sha256 of what the training samples are, where the dataset exposes it cheaply: the file list of
     an ImageFolder (relative paths and classes), the tensors of the digits set, the arrays of CIFAR."""
     digest = hashlib.sha256()
-    if hasattr(dataset, "samples"):
+    if hasattr(dataset, "content_parts"):  # kd.data.unlabeled.TrainingSet: labeled and unlabeled parts
+        for part in dataset.content_parts():
+            part_digest = part.hex() if isinstance(part, bytes) else content_digest(part)
+            if part_digest is None:
+                return None
+            digest.update(part_digest.encode())
+    elif hasattr(dataset, "samples"):
         prefix = str(getattr(dataset, "root", "")).rstrip("/") + "/"  # the config already says where they are
         relative = [(path.removeprefix(prefix), label) for path, label in dataset.samples]
         digest.update(json.dumps(relative).encode())
