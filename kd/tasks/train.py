@@ -18,8 +18,11 @@ from kd.students.export import export_student
 from kd.tasks.auto_weights import auto_weights
 from kd.tasks.checks import check_before_work
 from kd.tasks.common import build_data, build_models, build_trainer, optimizer_factory, output_dir, validate
+from kd.teachers.ensemble import fingerprint_record
 from kd.teachers.fill import teacher_for_run
+from kd.teachers.views import teacher_view_metrics
 from kd.training.resume import ResumePoint
+from kd.weights.names import model_label
 
 log = logging.getLogger("kd")
 
@@ -55,8 +58,8 @@ def fit(cfg: DictConfig, task: str) -> dict:
     module = DistillationModule(student, loss, optimizer, scheduler, data.num_classes, teacher, mixup)
     if resume is not None:
         resume.check(module, teacher and teacher.start_fingerprint, data.batch_size, trainer.world_size)
-    provenance = {"teacher": cfg.teacher.name, "teacher_fingerprint": teacher.start_fingerprint} if teacher else {}
-    card = card_callback.card = card_for(student, data, model=cfg.student.get("name"), **provenance)
+    provenance = {"teacher": model_label(cfg.teacher), "teacher_fingerprint": teacher.start_fingerprint} if teacher else {}
+    card = card_callback.card = card_for(student, data, model=model_label(cfg.student), **provenance)
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # training does not depend on what ran before
     before = validate(trainer, module, data)
@@ -69,7 +72,9 @@ def fit(cfg: DictConfig, task: str) -> dict:
     }
     extra = {}
     if teacher is not None:
-        extra["teacher_fingerprint"] = {"start": teacher.start_fingerprint, "end": teacher.check_unchanged()}
+        extra["teacher_fingerprint"] = fingerprint_record(teacher)
+        if trainer.is_global_zero:  # each ensemble member, and the teacher on its own view (kd.teachers.views)
+            metrics |= teacher_view_metrics(getattr(teacher, "teacher", teacher), data, module.device)
     results = {
         "metrics": metrics,
         **extra,
