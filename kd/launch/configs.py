@@ -13,7 +13,6 @@ from omegaconf import OmegaConf
 
 from kd.io import CONF_DIR
 
-
 # Models by name rather than by a yaml each: timm, torchvision, custom (the user's nn.Module) and ensemble.
 ANY_MODEL = "any_model"
 

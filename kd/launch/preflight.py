@@ -19,6 +19,7 @@ from hydra.errors import HydraException
 
 from kd.errors import KdError
 from kd.launch.configs import CONF_DIR
+from kd.launch.model_names import check_model_overrides, unknown_model
 
 MODEL_ROLES = ("teacher", "student")  # both offered from conf/model/ (kd.config.register_models)
 OUTPUT_FOLDERS = ("hydra.run.dir", "hydra.sweep.dir")
@@ -43,6 +44,8 @@ def group_options(group: str) -> list[str]:
 def check_group_choice(group: str, values: list[str]) -> None:
     options = group_options(group)
     for value in values:
+        if value not in options and value != "null" and group in MODEL_ROLES:
+            raise unknown_model(group, value)
         if value not in options and value != "null":
             folder = group_folder(group).relative_to(CONF_DIR.parent)
             raise KdError(f"{group}={value} is unknown; choose one of {', '.join(options)} (the files in {folder}/)")
@@ -85,6 +88,7 @@ def check_overrides(overrides: list[str]) -> None:
             else:
                 values = option_names(override.value())
             check_group_choice(key, values)
+    check_model_overrides(parsed)
 
 
 def refuse_bad_command_line(argv: list[str] | None = None) -> None:

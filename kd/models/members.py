@@ -67,9 +67,8 @@ def member_configs(teacher_cfg: DictConfig) -> list[DictConfig]:
     if combine not in COMBINE:
         raise KdError(f"teacher.combine={combine} is unknown; use probs (mean of probabilities) or logits")
     weights = teacher_cfg.get("weights_per_member")
-    if weights is not None and (
-        len(weights) != len(members) or any(not isinstance(w, int | float) or w < 0 for w in weights) or sum(weights) <= 0
-    ):
+    numbers = weights is None or all(isinstance(w, int | float) and w >= 0 for w in weights)
+    if weights is not None and (len(weights) != len(members) or not numbers or sum(weights) <= 0):
         raise KdError(
             f"teacher.weights_per_member={list(weights)} must give {len(members)} non-negative numbers, not all "
             "zero (one per member), or null for equal weights"

@@ -16,6 +16,7 @@ from kd.data import ClassificationData
 from kd.errors import KdError
 from kd.models import Classifier
 from kd.results.callbacks import EpochLine
+from kd.results.dashboards import add_model_tags
 from kd.students.build import build_student
 from kd.students.card import StudentCard
 from kd.students.trained import trained_student
@@ -105,6 +106,7 @@ def build_trainer(cfg: DictConfig, out: Path, extra_callbacks: list[L.Callback] 
     if trainer_cfg.get("enable_progress_bar") is None:
         trainer_cfg["enable_progress_bar"] = interactive
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None]
+    add_model_tags(loggers, cfg)  # teacher_model:convnext_tiny.fb_in22k_ft_in1k beside teacher:timm
     for logger in loggers:  # the whole resolved config, so every dashboard run says how it was made
         logger.log_hyperparams(resolved_config(cfg))
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]

@@ -58,7 +58,9 @@ def fit(cfg: DictConfig, task: str) -> dict:
     module = DistillationModule(student, loss, optimizer, scheduler, data.num_classes, teacher, mixup)
     if resume is not None:
         resume.check(module, teacher and teacher.start_fingerprint, data.batch_size, trainer.world_size)
-    provenance = {"teacher": model_label(cfg.teacher), "teacher_fingerprint": teacher.start_fingerprint} if teacher else {}
+    provenance = {}
+    if teacher is not None:  # the real teacher's name, not the option's (teacher=timm)
+        provenance = {"teacher": model_label(cfg.teacher), "teacher_fingerprint": teacher.start_fingerprint}
     card = card_callback.card = card_for(student, data, model=model_label(cfg.student), **provenance)
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # training does not depend on what ran before
