@@ -210,6 +210,11 @@ def test_a_larger_teacher_sees_the_students_crop_resized_not_a_second_crop(make_
     expected = teacher.model.normalize(F.interpolate(view, size=(48, 48), mode="bicubic", align_corners=False))
     assert seen["teacher"].shape[-2:] == (48, 48)
     assert torch.allclose(seen["teacher"].float(), expected, atol=1e-4)
+    # Validation: the teacher is also measured on its own view, the folder's images resized and cropped for 48 px.
+    from kd.teachers.views import own_view, teacher_view_metrics
+
+    assert own_view(teacher, data)[0][0].shape == (3, 48, 48)
+    assert "teacher/top1_own_view" in teacher_view_metrics(teacher, data, "cpu")
 
 
 def refusal(capsys, *argv: str) -> str:

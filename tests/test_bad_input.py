@@ -42,8 +42,8 @@ def assert_refused(result, expected: str, out: Path, cache: Path | None = None) 
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["teacher=nosuch"], "error: teacher=nosuch is unknown; choose one of "),
-        (["student=resnet_nope"], "error: student=resnet_nope is unknown; choose one of "),
+        (["teacher=nosuch"], "error: teacher=nosuch is unknown; did you mean "),
+        (["student=resnet_nope"], "error: student=resnet_nope is unknown; did you mean resnet"),
         (["loss=nosuch"], "error: loss=nosuch is unknown; choose one of ce, dist, dkd, dml, fitnet, js, kd, kd_ce, "),
         (["data=imagenett"], "error: data=imagenett is unknown; choose one of cifar10, cifar100, digits, fake"),
         (["-m", "loss=kd,nosuch"], "error: loss=nosuch is unknown; choose one of "),
@@ -53,8 +53,8 @@ def test_unknown_group_option_is_one_line_listing_the_valid_names(tmp_path, args
     result = run_cli(*args, cwd=tmp_path, cache_dir=tmp_path / "cache")
     assert_refused(result, expected, tmp_path, tmp_path / "cache")
     assert result.stderr.strip().splitlines()[-1].startswith(expected)
-    if args[0].startswith(("teacher", "student")):
-        assert all(name in result.stderr for name in MODELS)
+    if args[0].startswith(("teacher", "student")):  # the closest zoo names and how to name any other model
+        assert len(result.stderr.strip().splitlines()[-1]) <= 200 and ".model=NAME" in result.stderr
     assert not (tmp_path / ".hydra").exists()  # refused before Hydra made anything
 
 
