@@ -42,7 +42,7 @@ def assert_refused(result, expected: str, out: Path, cache: Path | None = None) 
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["teacher=nosuch"], "error: teacher=nosuch is unknown; did you mean "),
+        (["teacher=nosuch"], "error: teacher=nosuch is unknown; python -m kd.zoo lists the zoo"),
         (["student=resnet_nope"], "error: student=resnet_nope is unknown; did you mean resnet"),
         (["loss=nosuch"], "error: loss=nosuch is unknown; choose one of ce, dist, dkd, dml, fitnet, js, kd, kd_ce, "),
         (["data=imagenett"], "error: data=imagenett is unknown; choose one of cifar10, cifar100, digits, fake"),

@@ -9,7 +9,6 @@ from __future__ import annotations
 from hydra.core.override_parser.types import Override
 
 from kd.errors import KdError
-from kd.models.arch import closest
 from kd.models.members import member_config, zoo_names
 
 BY_NAME = ("timm", "torchvision")  # the entries whose model is named by ROLE.model=NAME
@@ -17,8 +16,12 @@ ANY = "teacher=timm teacher.model=NAME or teacher=torchvision teacher.model=NAME
 
 
 def unknown_model(role: str, value: str) -> KdError:
+    import difflib
+
     hint = ANY.replace("teacher", role)
-    return KdError(f"{role}={value} is unknown; did you mean {closest(value, zoo_names())}? ({hint})")
+    near = difflib.get_close_matches(value, zoo_names(), n=3, cutoff=0.5)
+    guess = f"did you mean {', '.join(near)}?" if near else "python -m kd.zoo lists the zoo"
+    return KdError(f"{role}={value} is unknown; {guess} ({hint})")
 
 
 def check_model_overrides(parsed: list[Override]) -> None:
