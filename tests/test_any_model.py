@@ -240,3 +240,18 @@ def test_unknown_names_are_refused_before_any_work_in_one_short_line(capsys):
     assert "cannot be imported" in refusal(capsys, "student=custom", "student.net._target_=nosuch_module.Net")
     with pytest.raises(KdError, match="did you mean convnext_tiny"):
         TimmArch("convnxt_tiny")  # the same refusal where a config names it (an experiment file)
+
+
+def test_an_ensemble_fills_the_teacher_output_cache_with_mixup(make_cfg, tmp_path):
+    from kd.tasks.cache_teacher import cache_teacher
+
+    cfg = make_cfg(
+        *TINY, *ENSEMBLE, "student=timm", "student.model=test_resnet", "mixup=mixup", f"teacher.cache={tmp_path / 'c'}"
+    )
+    results = cache_teacher(cfg, epochs=1)
+    manifest = json.loads((tmp_path / "c" / results["cache"].split("/")[-1] / "manifest.json").read_text())
+    assert [m["name"] for m in manifest["identity"]["teacher"]["ensemble"]["members"]] == [
+        "timm:test_resnet",
+        "timm:test_efficientnet",
+    ]
+    assert manifest["epochs"] == [0] and manifest["identity"]["mixup"] is not None
