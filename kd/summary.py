@@ -146,6 +146,7 @@ def ranked(variants: list[Variant]) -> list[Variant]:
 # --- summary.csv ----------------------------------------------------------------------------------------
 
 CSV_LEAD = ["job", "status", "variant", "overrides", "seed", "task", "teacher", "student", "loss", "data"]
+CSV_MODELS = ["teacher_model", "student_model"]  # the real architectures and weights (kd.weights.names)
 CSV_TAIL = ["wall_time_s", "train_images_per_s", "error"]
 
 
@@ -153,7 +154,7 @@ def csv_text(jobs: list[Job], variants: list[Variant]) -> str:
     label = {id(job): v.label for v in variants for job in v.jobs}
     metric_keys = list(dict.fromkeys(key for job in jobs for key in job.metrics))
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_LEAD + metric_keys + CSV_TAIL, lineterminator="\n")
+    writer = csv.DictWriter(buffer, fieldnames=CSV_LEAD + CSV_MODELS + metric_keys + CSV_TAIL, lineterminator="\n")
     writer.writeheader()
     for job in jobs:
         seed = dict(split_override(o) for o in job.overrides).get(SEED_KEY, job.results.get("seed", ""))
@@ -164,12 +165,19 @@ def csv_text(jobs: list[Job], variants: list[Variant]) -> str:
             "overrides": " ".join(job.overrides),
             "seed": seed,
             **{key: job.results.get(key, "") for key in ("task", "teacher", "student", "loss", "data")},
+            **{key: model_name(job.results, key) for key in CSV_MODELS},
             **job.metrics,  # written with repr(): the numbers read back equal results.json
             **{key: job.results.get(key, "") for key in ("wall_time_s", "train_images_per_s")},
             "error": job.error,
         }
         writer.writerow(row)
     return buffer.getvalue()
+
+
+def model_name(results: dict, key: str) -> str:
+    """The real name of a job's teacher or student (``convnext_tiny.fb_in22k_ft_in1k``, not ``timm``)."""
+    record = results.get(key)
+    return record.get("name", "") if isinstance(record, dict) else ""
 
 
 # --- summary.md -----------------------------------------------------------------------------------------
@@ -223,7 +231,11 @@ def speed_cells(variant: Variant) -> list[str]:
     ]
 
 
-COLUMN_TITLES = {"student/top5": "student top-5 %", "agreement": "agreement %", "teacher/top1": "teacher top-1 %"}
+COLUMN_TITLES = {
+    "student/top5": "student top-5 %",
+    "agreement": "agreement %",
+    "teacher/top1": "teacher top-1 % (student's view)",
+}
 
 
 def seeds_cell(variant: Variant) -> str:
@@ -245,6 +257,10 @@ def notes(jobs: list[Job], common: list[str]) -> list[str]:
     lines = [f"{len(jobs)} jobs: {finished} finished, {len(jobs) - finished} failed or unfinished."]
     if common:
         lines.append("Overrides shared by every job: " + " ".join(f"`{o}`" for o in common) + ".")
+    for key in CSV_MODELS:
+        names = sorted({model_name(job.results, key) for job in jobs if job.status == "ok"} - {""})
+        if names:
+            lines.append(f"{key.split('_')[0].capitalize()}: " + ", ".join(f"`{name}`" for name in names) + ".")
     lines.append("Mean ± standard deviation over seeds; metrics after the last epoch.")
     failed = [job for job in jobs if job.status != "ok"]
     if failed:

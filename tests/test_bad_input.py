@@ -78,8 +78,8 @@ def assert_refused(result, expected: str, out: Path, cache: Path | None = None) 
 @pytest.mark.parametrize(
     "args, expected",
     [
-        (["teacher=no_such_model"], f"error: teacher=no_such_model is unknown; see all {len(MODELS)} options with "),
-        (["student=resnet_nope"], "error: student=resnet_nope is unknown; closest: resnet8, resnet50_vd, resnet50_vc"),
+        (["teacher=nosuch"], "error: teacher=nosuch is unknown; python -m kd.zoo lists the zoo"),
+        (["student=resnet_nope"], "error: student=resnet_nope is unknown; did you mean resnet"),
         (["loss=nosuch"], "error: loss=nosuch is unknown; choose one of ce, dist, dkd, dml, fitnet, js, kd, kd_ce, "),
         (["data=imagenett"], "error: data=imagenett is unknown; choose one of cifar10, cifar100, digits, fake"),
         (["-m", "loss=kd,nosuch"], "error: loss=nosuch is unknown; choose one of "),
@@ -89,8 +89,8 @@ def test_unknown_group_option_is_one_line_naming_valid_names(tmp_path, args, exp
     result = run_cli(*args, cwd=tmp_path, cache_dir=tmp_path / "cache")
     assert_refused(result, expected, tmp_path, tmp_path / "cache")
     assert result.stderr.strip().splitlines()[-1].startswith(expected)
-    if args[0].startswith(("teacher", "student")):  # too many to list: where to see them all
-        assert result.stderr.strip().endswith("options with python -m kd.zoo")
+    if args[0].startswith(("teacher", "student")):  # the closest zoo names and how to name any other model
+        assert len(result.stderr.strip().splitlines()[-1]) <= 200 and ".model=NAME" in result.stderr
     assert not files_under(tmp_path)  # refused before Hydra made anything
 
 
@@ -98,10 +98,8 @@ def test_unknown_option_of_a_long_group_names_the_closest_and_where_the_rest_are
     with pytest.raises(KdError) as refused:
         check_overrides(["teacher=resnet50vd"])
     message = str(refused.value)
-    assert message.startswith("teacher=resnet50vd is unknown; closest: resnet50_vd, ")  # the nearest first
-    assert message.endswith(f"; see all {len(MODELS)} options with python -m kd.zoo")
-    closest = message.split("closest: ")[1].split(";")[0].split(", ")
-    assert 1 < len(closest) <= 4 and set(closest) <= set(MODELS)
+    assert message.startswith("teacher=resnet50vd is unknown; did you mean resnet50_vd")  # the nearest first
+    assert len(message) <= 200 and "teacher=timm teacher.model=NAME" in message
     long_group = [f"option{i:02d}" for i in range(40)]  # a group whose full list would not fit in one short line
     message = unknown_option_message("loss", "option07x", long_group)
     assert message.startswith("loss=option07x is unknown; closest: option07, ") and message.endswith(

@@ -177,6 +177,12 @@ class ClassificationData(L.LightningDataModule):
         per_process = len(sampler) if sampler is not None else len(self.val_set)
         return self.loader(self.val_set, sampler, per_process, train=False)
 
+    def own_view_set(self, image_size: int, interpolation: str, crop_pct: float) -> Dataset | None:
+        """The validation images in another model's own view (its resize and crop), where it differs from
+        ``val_set``'s. Data whose images come at one fixed size (digits, CIFAR, fake) has no other view than
+        those images, which that model sees resized: None."""
+        return None
+
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 

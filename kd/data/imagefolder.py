@@ -205,3 +205,10 @@ class ImageFolderData(ClassificationData):
         self.train_set = self.split("train", train_view(size, self.interpolation))
         self.val_set = self.split("val", eval_view(size, self.interpolation, self.crop_pct))
         self.add_unlabeled(self.train_set.transform)
+
+    def own_view_set(self, image_size: int, interpolation: str, crop_pct: float) -> CheckedImageFolder | None:
+        """The validation images resized and cropped as a model of that size, interpolation and crop expects."""
+        own = (image_size, interpolation, float(crop_pct))
+        if own == (self.image_size or 224, self.interpolation, float(self.crop_pct)):
+            return None
+        return self.split("val", eval_view(*own))

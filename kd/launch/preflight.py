@@ -21,6 +21,7 @@ from hydra.errors import HydraException
 
 from kd.errors import KdError
 from kd.launch.configs import CONF_DIR
+from kd.launch.model_names import check_model_overrides, unknown_model
 
 MODEL_ROLES = ("teacher", "student")  # both offered from conf/model/ (kd.launch.configs.register_models)
 OUTPUT_FOLDERS = ("hydra.run.dir", "hydra.sweep.dir")
@@ -62,6 +63,8 @@ def unknown_option_message(group: str, value: str, options: list[str]) -> str:
 def check_group_choice(group: str, values: list[str]) -> None:
     options = group_options(group)
     for value in values:
+        if value not in options and value != "null" and group in MODEL_ROLES:
+            raise unknown_model(group, value)
         if value not in options and value != "null":
             raise KdError(unknown_option_message(group, value, options))
 
@@ -120,6 +123,7 @@ def check_overrides(overrides: list[str]) -> None:
             else:
                 values = option_names(override.value())
             check_group_choice(key, values)
+    check_model_overrides(parsed)
 
 
 def refuse_bad_command_line(argv: list[str] | None = None) -> None:

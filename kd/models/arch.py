@@ -8,6 +8,7 @@ backend anywhere else (``kd.weights.sources`` decides that a name is a published
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import lru_cache
 from typing import Protocol
 
 import timm
@@ -67,27 +68,43 @@ class TimmArch:
     backend = "timm"
 
     def __init__(self, model_name: str, in_chans: int = 3, data_config: dict | None = None, **kwargs) -> None:
-        self.model_name = model_name
+        self.model_name = str(model_name)  # a timm name, with a tag (``convnext_tiny.fb_in1k``), or a hub name
         self.in_chans = in_chans
         self.data_config = dict(data_config or {})
         self.kwargs = kwargs
+        if not self.is_hub:
+            check_timm_name(self.model_name)
+
+    @property
+    def is_hub(self) -> bool:
+        """``hf-hub:timm/NAME`` or ``local-dir:/folder``: architecture and weights come from that source."""
+        return self.model_name.startswith(HUB_PREFIXES)
+
+    @property
+    def base_name(self) -> str:
+        """The timm architecture: the name without its weights tag (``convnext_tiny``)."""
+        return hub_config(self.model_name)[1] if self.is_hub else self.model_name.split(".")[0]
 
     @property
     def id(self) -> str:
         arguments = ", ".join(f"{k}={list(v) if isinstance(v, tuple | list) else v}" for k, v in self.kwargs.items())
-        return f"{self.model_name}({arguments})" if arguments else self.model_name
+        return f"{self.base_name}({arguments})" if arguments else self.base_name
+
+    def _pretrained_cfg(self) -> dict:
+        if self.is_hub:
+            return dict(hub_config(self.model_name)[0])
+        return timm.models.get_pretrained_cfg(self.model_name).to_dict()
 
     @property
     def num_classes(self) -> int:
-        return timm.models.get_pretrained_cfg(self.model_name).num_classes or 1000
+        return self._pretrained_cfg().get("num_classes") or 1000
 
     def build(self, num_classes: int) -> nn.Module:
-        return timm.create_model(
-            self.model_name, pretrained=False, num_classes=num_classes, in_chans=self.in_chans, **self.kwargs
-        )
+        name = self.base_name if self.is_hub else self.model_name
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=self.in_chans, **self.kwargs)
 
     def preprocessing(self, pretrained_cfg: dict | None = None) -> Preprocessing:
-        cfg = pretrained_cfg or {**timm.models.get_pretrained_cfg(self.model_name).to_dict(), **self.data_config}
+        cfg = pretrained_cfg or {**self._pretrained_cfg(), **self.data_config}
         _, height, width = cfg["input_size"]
         return Preprocessing(
             mean=tuple(cfg["mean"])[: self.in_chans] if self.in_chans != 3 else tuple(cfg["mean"]),
@@ -97,6 +114,12 @@ class TimmArch:
             crop_pct=cfg.get("crop_pct", 0.875),
         )
 
+    def default_weights(self) -> str:
+        """The weights ``weights=pretrained`` names: the tag given with the name, else timm's default tag."""
+        if self.is_hub or "." in self.model_name:
+            return self.model_name
+        return f"{self.model_name}.{timm.models.get_pretrained_cfg(self.model_name).tag}"
+
     def classifier_prefixes(self, net: nn.Module) -> tuple[str, ...]:
         name = net.pretrained_cfg.get("classifier") if hasattr(net, "pretrained_cfg") else None
         names = name if isinstance(name, list | tuple) else [name] if name else []
@@ -105,8 +128,10 @@ class TimmArch:
     def weight_names(self) -> list[str]:
         if self.kwargs:
             return []
-        tags = timm.list_pretrained(f"{self.model_name}.*")
-        default = f"{self.model_name}.{timm.models.get_pretrained_cfg(self.model_name).tag}"
+        if self.is_hub:
+            return [self.model_name]
+        tags = timm.list_pretrained(f"{self.base_name}.*")
+        default = self.default_weights()
         return sorted(tags, key=lambda tag: tag != default)
 
     def pretrained_state(self, name: str) -> tuple[dict[str, torch.Tensor], Preprocessing]:
@@ -115,14 +140,55 @@ class TimmArch:
                 f"timm has no published weights for {self.id} (its arguments change the architecture); "
                 "pass a local weights file"
             )
-        tag = self.model_name if name == PRETRAINED else name
-        if tag.split(".")[0] != self.model_name:
+        tag = self.default_weights() if name == PRETRAINED else name
+        if not tag.startswith(HUB_PREFIXES) and tag.split(".")[0] != self.base_name:
             raise KdError(
-                f"weights '{name}' are for timm architecture '{tag.split('.')[0]}', not {self.model_name}; "
-                f"pick one of timm.list_pretrained('{self.model_name}.*')"
+                f"weights '{name}' are for timm architecture '{tag.split('.')[0]}', not {self.base_name}; "
+                f"pick one of timm.list_pretrained('{self.base_name}.*')"
             )
         state, pretrained_cfg = timm_pretrained_state(tag, self.in_chans)
         return state, self.preprocessing(pretrained_cfg)
+
+
+HUB_PREFIXES = ("hf-hub:", "local-dir:")  # timm's own model sources besides its registry
+
+
+def closest(name: str, names: list[str], count: int = 3) -> str:
+    """``'a', 'b'`` for the error line: the names most like ``name`` (difflib), or the first few."""
+    import difflib
+
+    return ", ".join(difflib.get_close_matches(name, names, n=count, cutoff=0.5) or names[:count])
+
+
+def check_timm_name(model_name: str) -> None:
+    """A timm registry name (with an optional weights tag), refused in one line with the closest names."""
+    base, _, tag = model_name.partition(".")
+    if base not in timm.list_models():
+        raise KdError(
+            f"'{base}' is not a timm model; did you mean {closest(base, timm.list_models())}? "
+            "(timm.list_models() lists them)"
+        )
+    if tag and model_name not in timm.list_pretrained(f"{base}.*"):
+        raise KdError(
+            f"'{model_name}' is not a timm weights tag of {base}; did you mean "
+            f"{closest(model_name, timm.list_pretrained(f'{base}.*'))}?"
+        )
+
+
+@lru_cache(maxsize=16)
+def hub_config(model_name: str) -> tuple[dict, str]:
+    """(pretrained_cfg, timm architecture) of an ``hf-hub:`` or ``local-dir:`` model, read by timm."""
+    from timm.models._hub import load_model_config_from_hf, load_model_config_from_path
+
+    source, _, model_id = model_name.partition(":")
+    try:
+        if source == "local-dir":
+            pretrained_cfg, architecture, _ = load_model_config_from_path(model_id)
+        else:
+            pretrained_cfg, architecture, _ = load_model_config_from_hf(model_id)
+    except (OSError, ValueError, RuntimeError) as error:  # no network, no such repo or folder
+        raise download_failed(f"the timm config of {model_name}", error) from None
+    return dict(pretrained_cfg), architecture
 
 
 class TorchvisionArch:
@@ -133,14 +199,28 @@ class TorchvisionArch:
     def __init__(self, model_name: str, **kwargs) -> None:
         import torchvision
 
-        if model_name not in torchvision.models.list_models(module=torchvision.models):
-            raise KdError(f"'{model_name}' is not a torchvision classification model; see torchvision.models")
-        self.model_name = model_name
+        # ``regnet_y_400mf.IMAGENET1K_V2``: a weights name after the dot is what weights=pretrained means.
+        self.model_name, _, self.tag = str(model_name).partition(".")
+        names = torchvision.models.list_models(module=torchvision.models)
+        if self.model_name not in names:
+            raise KdError(
+                f"'{self.model_name}' is not a torchvision classification model; did you mean "
+                f"{closest(self.model_name, names)}? (torchvision.models.list_models() lists them)"
+            )
+        if self.tag and self.tag not in self._weights_enum().__members__:
+            raise KdError(
+                f"'{self.tag}' is not a torchvision weights name of {self.model_name}; use one of "
+                f"{', '.join(self.weight_names())}"
+            )
         self.kwargs = kwargs
 
     @property
     def id(self) -> str:
         return self.model_name
+
+    def default_weights(self) -> str:
+        """The weights ``weights=pretrained`` names: the one given after the dot, else torchvision's default."""
+        return self.tag or self._weights_enum().DEFAULT.name
 
     def _weights_enum(self):
         import torchvision
@@ -157,7 +237,7 @@ class TorchvisionArch:
         return torchvision.models.get_model(self.model_name, weights=None, num_classes=num_classes, **self.kwargs)
 
     def preprocessing(self, weights=None) -> Preprocessing:
-        transform = (weights or self._weights_enum().DEFAULT).transforms()
+        transform = (weights or self._weights_enum()[self.default_weights()]).transforms()
         return Preprocessing(
             mean=tuple(transform.mean),
             std=tuple(transform.std),
@@ -171,7 +251,8 @@ class TorchvisionArch:
 
     def weight_names(self) -> list[str]:
         enum = self._weights_enum()
-        return sorted((w.name for w in enum), key=lambda name: name != enum.DEFAULT.name)
+        default = self.tag or enum.DEFAULT.name
+        return sorted((w.name for w in enum), key=lambda name: name != default)
 
     def pretrained_state(self, name: str) -> tuple[dict[str, torch.Tensor], Preprocessing]:
         enum = self._weights_enum()
@@ -181,7 +262,7 @@ class TorchvisionArch:
                 f"'{name}' is not a torchvision weights name of {self.model_name}; "
                 f"use one of {', '.join(self.weight_names())}"
             )
-        weights = enum.DEFAULT if name == PRETRAINED else enum[short]
+        weights = enum[self.default_weights()] if name == PRETRAINED else enum[short]
         # Built by torchvision's own builder, which sets what the weights need (googlenet: transform_input)
         # and drops what they lack; a yaml's kwargs must build the same network.
         return torchvision_pretrained_state(self.model_name, weights), self.preprocessing(weights)
@@ -223,7 +304,23 @@ class ModuleArch:
         return self._num_classes
 
     def build(self, num_classes: int) -> nn.Module:
-        return self.net(num_classes=num_classes, in_chans=self._preprocessing.in_chans)
+        """``net(num_classes=...)``, with ``in_chans=`` too where the constructor takes it (a user's own class
+        need not)."""
+        import inspect
+
+        func = getattr(self.net, "func", self.net)
+        try:
+            parameters = inspect.signature(func).parameters
+        except (TypeError, ValueError):
+            parameters = {}
+        takes_any = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in parameters.values())
+        if parameters and not takes_any and "num_classes" not in parameters:
+            raise KdError(
+                f"{self.id} takes no num_classes argument, so kd cannot build it for the dataset's classes; "
+                "add num_classes to its constructor"
+            )
+        extra = {"in_chans": self._preprocessing.in_chans} if takes_any or "in_chans" in parameters else {}
+        return self.net(num_classes=num_classes, **extra)
 
     def preprocessing(self, pretrained_cfg: dict | None = None) -> Preprocessing:
         return self._preprocessing

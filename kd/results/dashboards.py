@@ -16,7 +16,7 @@ from urllib.parse import urlsplit
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 if TYPE_CHECKING:
     from lightning.pytorch.loggers import WandbLogger
@@ -148,3 +148,21 @@ def publish_sweep(sweep_dir: Path, wandb_cfg: DictConfig) -> None:
         logged["summary_chart"] = wandb.Image(str(sweep_dir / "summary.png"))
     run.log(logged)
     run.finish()
+
+
+def add_model_tags(loggers: list, cfg: Any) -> None:
+    """Tag each wandb run with the real models too (``teacher_model:convnext_tiny.fb_in22k_ft_in1k``), since
+    ``teacher:timm`` says little; called before the run starts (tags are fixed when it does)."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    from kd.weights.names import model_label
+
+    roles = ("student",) if OmegaConf.select(cfg, "task._target_", default="").endswith(".train") else MODEL_ROLES
+    tags = [f"{role}_model:{label}" for role in roles if (label := model_label(cfg.get(role)))]
+    for logger in loggers:
+        if isinstance(logger, WandbLogger):
+            current = list(logger._wandb_init.get("tags") or [])
+            logger._wandb_init["tags"] = current + [tag[:64] for tag in tags if tag[:64] not in current]
+
+
+MODEL_ROLES = ("teacher", "student")

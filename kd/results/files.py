@@ -14,6 +14,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from kd.io import write_json_atomic
+from kd.weights.names import model_record
 
 log = logging.getLogger("kd")
 
@@ -34,10 +35,14 @@ def write_results(out: Path, cfg: DictConfig, task: str, **extra: Any) -> Path:
     """``results.json``: the task, the chosen teacher, student, loss and data, the seed, ``extra`` (metrics,
     fingerprints, timings) and the command-line overrides."""
     chosen = choices(cfg)
+    with_teacher = task in ("distill", "eval", "cache_teacher") and OmegaConf.select(cfg, "teacher.arch") is not None
     results = {
         "task": task,
         **({"teacher": chosen.get("teacher")} if task in ("distill", "eval") else {}),
         "student": chosen.get("student"),
+        # The real architectures and weights, whichever option named them (teacher=timm teacher.model=NAME).
+        **({"teacher_model": model_record(cfg.teacher)} if with_teacher else {}),
+        "student_model": model_record(cfg.get("student")),
         **({"loss": chosen.get("loss")} if task in ("distill", "train") else {}),
         "data": chosen.get("data"),
         "seed": cfg.seed,

@@ -6,7 +6,8 @@ from rich.console import Console
 from rich.table import Table
 
 ROWS = (
-    ("teacher/top1", "teacher top-1"),
+    ("teacher/top1", "teacher top-1 (student's view)"),
+    ("teacher/top1_own_view", "teacher top-1 (its own view)"),
     ("student_init/top1", "student top-1 before"),
     ("student/top1", "student top-1 after"),
     ("agreement", "teacher-student agreement"),
@@ -15,8 +16,8 @@ EVAL_ROWS = (
     ("student/top1", "student top-1"),
     ("student/top5", "student top-5"),
     ("student/ece", "student calibration error (ECE)"),
-    ("teacher/top1", "teacher top-1"),
-    ("teacher/top5", "teacher top-5"),
+    ("teacher/top1", "teacher top-1 (student's view)"),
+    ("teacher/top5", "teacher top-5 (student's view)"),
     ("teacher/ece", "teacher calibration error (ECE)"),
     ("agreement", "teacher-student agreement"),
 )

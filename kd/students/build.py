@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from kd.errors import KdError
 from kd.models import Classifier
+from kd.models.members import is_ensemble
 from kd.students.zero_init import init_last_bn
 from kd.weights.sources import ObtainAuto, load_weights, resolve
 
@@ -24,6 +25,8 @@ def build_student(
     new_head: bool = True,
 ) -> Classifier:
     """``model_cfg`` is a ``conf/model`` entry (``cfg.student``); ``obtain_auto`` trains ``weights: auto``."""
+    if is_ensemble(model_cfg):
+        raise KdError("student=ensemble is for teachers only; give the student one model, student=NAME")
     arch = instantiate(model_cfg.arch)
     net = arch.build(num_classes)
     source = resolve(model_cfg.get("weights"))

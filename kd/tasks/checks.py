@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from kd.data import ClassificationData
 from kd.errors import KdError
 from kd.losses.base import DistillationLoss
+from kd.teachers.ensemble import check_ensemble_loss
 from kd.teachers.fill import check_teacher_cache
 from kd.training.steps import planned_steps
 
@@ -111,5 +112,6 @@ def check_before_work(
     check_weights_given(cfg, loss)
     check_loss_gives_gradient(loss, cfg.loss, data.num_classes)
     check_teacher_cache(cfg, loss)  # the cache's own refusals, beside the cache (kd.teachers.fill)
+    check_ensemble_loss(cfg.get("teacher"), loss)
     check_run_length(trainer, data, scheduler)
     check_distributed_launch(trainer)

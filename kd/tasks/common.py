@@ -16,6 +16,7 @@ from kd.data import ClassificationData
 from kd.errors import KdError
 from kd.models import Classifier
 from kd.results.callbacks import EpochLine
+from kd.results.dashboards import add_model_tags
 from kd.students.build import build_student
 from kd.students.card import StudentCard
 from kd.students.trained import trained_student
@@ -123,6 +124,7 @@ def logger_configs(cfg: DictConfig) -> list[DictConfig]:
 def attach_loggers(cfg: DictConfig, trainer: L.Trainer) -> None:
     """Build the configured loggers and hand them to ``trainer``: call it after the last check, before any work."""
     loggers = [instantiate(c) for c in logger_configs(cfg)]
+    add_model_tags(loggers, cfg)  # teacher_model:convnext_tiny.fb_in22k_ft_in1k beside teacher:timm
     for logger in loggers:  # the whole resolved config, so every dashboard run says how it was made
         logger.log_hyperparams(resolved_config(cfg))
     trainer.loggers = loggers

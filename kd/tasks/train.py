@@ -31,8 +31,11 @@ from kd.tasks.common import (
     validate,
 )
 from kd.tasks.given import Given
+from kd.teachers.ensemble import fingerprint_record
 from kd.teachers.fill import teacher_for_run
+from kd.teachers.views import teacher_view_metrics
 from kd.training.resume import ResumePoint
+from kd.weights.names import model_label
 
 log = logging.getLogger("kd")
 
@@ -91,8 +94,10 @@ def fit(cfg: DictConfig, task: str, given: Given | None = None) -> dict:
     loss.bind_data(len(data.train_set))  # before the resume check compares loss.* shapes (CRD's memories)
     if resume is not None:
         resume.check(module, teacher and teacher.start_fingerprint, data.batch_size, trainer.world_size)
-    provenance = {"teacher": cfg.teacher.name, "teacher_fingerprint": teacher.start_fingerprint} if teacher else {}
-    card = card_callback.card = card_for(student, data, model=cfg.student.get("name"), **provenance)
+    provenance = {}
+    if teacher is not None:  # the real teacher's name, not the option's (teacher=timm)
+        provenance = {"teacher": model_label(cfg.teacher), "teacher_fingerprint": teacher.start_fingerprint}
+    card = card_callback.card = card_for(student, data, model=model_label(cfg.student), **provenance)
     attach_loggers(cfg, trainer)  # every check has passed: only now do csv/ and wandb/ appear
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # training does not depend on what ran before
@@ -106,7 +111,9 @@ def fit(cfg: DictConfig, task: str, given: Given | None = None) -> dict:
     }
     extra = {}
     if teacher is not None:
-        extra["teacher_fingerprint"] = {"start": teacher.start_fingerprint, "end": teacher.check_unchanged()}
+        extra["teacher_fingerprint"] = fingerprint_record(teacher)
+        if trainer.is_global_zero:  # each ensemble member, and the teacher on its own view (kd.teachers.views)
+            metrics |= teacher_view_metrics(getattr(teacher, "teacher", teacher), data, module.device)
     results = {
         "metrics": metrics,
         **extra,

@@ -32,6 +32,7 @@ from kd.data.sampling import SeededViews, check_reproducible
 from kd.errors import KdError
 from kd.losses.base import DistillationLoss
 from kd.teachers.cache import CachedTeacher, EpochFiller, TeacherOutputStore, resolve_topk
+from kd.teachers.ensemble import EnsembleTeacher
 from kd.teachers.frozen import FrozenTeacher
 from kd.training.steps import planned_steps
 
@@ -107,6 +108,7 @@ def teacher_identity(
             "arch": OmegaConf.to_container(cfg.teacher.arch, resolve=True),
             "fingerprint": teacher.start_fingerprint,
             "preprocessing": teacher.preprocessing.to_dict(),
+            **teacher_views(teacher),
         },
         "precision": str(cfg.trainer.get("precision", "32-true")),
         "data": {
@@ -121,6 +123,15 @@ def teacher_identity(
         "mixup": mixup_identity(mixup, data.batch_size, world_size),
         "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
     }
+
+
+def teacher_views(teacher: FrozenTeacher | EnsembleTeacher) -> dict:
+    """What the identity adds for a teacher that sees the student's view resized, or for an ensemble (every
+    member's name, fingerprint, preprocessing and size, and how they are combined); nothing otherwise, so the
+    caches of plain teachers keep their keys."""
+    if isinstance(teacher, EnsembleTeacher):
+        return {"ensemble": teacher.describe()}
+    return {"resize_to": list(teacher.resize_to)} if getattr(teacher, "resize_to", None) else {}
 
 
 def mixup_identity(mixup: BatchMixup | None, batch_size: int, world_size: int) -> dict | None:

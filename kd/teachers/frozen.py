@@ -1,12 +1,16 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kd.errors import KdError
 from kd.models import Classifier
+
+log = logging.getLogger("kd")
 
 
 def fingerprint(module: nn.Module) -> str:
@@ -34,11 +38,20 @@ class FrozenTeacher(nn.Module):
     """
 
     def __init__(
-        self, model: Classifier, bn_train_mode: bool = False, channels_last: bool = True, compile: bool = False
+        self,
+        model: Classifier,
+        bn_train_mode: bool = False,
+        channels_last: bool = True,
+        compile: bool = False,
+        resize_to: tuple[int, int] | None = None,
     ) -> None:
         super().__init__()
         self.model = model.requires_grad_(False)
         self.bn_train_mode = bn_train_mode
+        # The teacher's own input size when it differs from the student's: it then sees the student's view
+        # (the same crop, the same mixup) resized, as FixRes and "patient and consistent" distillation do.
+        self.resize_to = tuple(resize_to) if resize_to else None
+        self._resize_logged = False
         self.channels_last = channels_last
         if channels_last:
             self.model.to(memory_format=torch.channels_last)  # same values: the fingerprint does not change
@@ -77,12 +90,31 @@ class FrozenTeacher(nn.Module):
             self.to(images.device)
         if images.is_floating_point() and images.dtype != weight.dtype:
             images = images.to(weight.dtype)  # trainer.precision=*-true hands over half inputs
+        images = self.resized(images)
         if self.channels_last and images.dim() == 4:
             images = images.contiguous(memory_format=torch.channels_last)
         with torch.inference_mode():
             logits, features = self.run_model(images, stages)
         # Normal tensors (not inference tensors), so losses can save them for the student's backward.
         return logits.clone(), {stage: feature.clone() for stage, feature in features.items()}
+
+    def resized(self, images: torch.Tensor) -> torch.Tensor:
+        """The student's view at the teacher's own size (its interpolation; antialiased when shrinking)."""
+        if self.resize_to is None or images.dim() != 4 or tuple(images.shape[-2:]) == self.resize_to:
+            return images
+        mode = self.preprocessing.interpolation if self.preprocessing.interpolation in RESIZE_MODES else "bilinear"
+        shrinks = self.resize_to[0] < images.shape[-2] or self.resize_to[1] < images.shape[-1]
+        if not self._resize_logged:
+            log.info(
+                "the teacher sees the student's %dx%d view resized to its own %dx%d (%s)",
+                *images.shape[-2:],
+                *self.resize_to,
+                mode,
+            )
+            self._resize_logged = True
+        return F.interpolate(
+            images, size=self.resize_to, mode=mode, antialias=shrinks and mode != "nearest", align_corners=None
+        )
 
     def check_unchanged(self) -> str:
         end = fingerprint(self)
@@ -92,3 +124,6 @@ class FrozenTeacher(nn.Module):
                 "this is a bug in kd or in a custom loss, please report it with the config"
             )
         return end
+
+
+RESIZE_MODES = ("bilinear", "bicubic", "nearest")  # F.interpolate's modes among timm's and torchvision's

@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from torch import nn
 
 from kd.errors import KdError
+from kd.models.arch import HUB_PREFIXES
 from kd.weights import files, paddle
 
 if TYPE_CHECKING:
@@ -35,7 +36,8 @@ ObtainAuto = Callable[[DictConfig, str], Path]
 
 @dataclass(frozen=True)
 class WeightSource:
-    """``kind`` is none, auto, paddle (a PaddleClas ``.pdparams`` file), file (any other local file) or
+    """``kind`` is none, auto, hub (``hf-hub:`` / ``local-dir:``, read by timm), paddle (a PaddleClas
+    ``.pdparams`` file), file (any other local file) or
     published (a name the architecture's backend fetches: ``pretrained``, a timm tag, torchvision weights)."""
 
     kind: str
@@ -53,6 +55,8 @@ def resolve(weights: object) -> WeightSource:
         return WeightSource("none")
     if text == AUTO:
         return WeightSource("auto")
+    if text.startswith(HUB_PREFIXES):  # before local files: hf-hub:timm/NAME and local-dir:/folder have a "/"
+        return WeightSource("hub", text)
     if text.endswith(".pdparams"):
         return WeightSource("paddle", text)
     if is_local_file(text):
@@ -79,6 +83,14 @@ def read_source(
         return paddle.read_for(Path(source.value).expanduser(), net), paddle.PADDLECLAS_PREPROCESSING, source.value
     if source.kind == "file":
         return files.read_state_dict(source.value), None, source.value
+    if source.kind == "hub":  # timm reads the hub's (or the folder's) config.json and weights
+        if arch.backend != "timm":
+            raise KdError(
+                f"{role}.weights={source.value} are read by timm, but the {role} is a {arch.backend} model; "
+                f"use a timm model ({role}=timm {role}.model=NAME) or a local weights file"
+            )
+        state, preprocessing = arch.pretrained_state(source.value)
+        return state, preprocessing, source.value
     state, preprocessing = arch.pretrained_state(source.value)
     return state, preprocessing, f"{arch.backend}:{source.value}"
 

@@ -1,0 +1,56 @@
+"""The real names of a run's models, for results.json, the student card, sweep summaries and dashboard tags.
+
+``teacher=timm teacher.model=convnext_tiny.fb_in22k_ft_in1k`` is recorded as that architecture and those weights,
+not as "timm"; so is a zoo entry whose ``arch.model_name`` was overridden, since the record is read from the
+architecture that is built, never from the option's name.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hydra.utils import instantiate
+from omegaconf import DictConfig
+
+from kd.models.arch import PRETRAINED
+from kd.models.members import is_ensemble, member_configs
+from kd.weights.sources import resolve
+
+
+def weights_name(model_cfg: DictConfig, arch: Any) -> str:
+    """What ``weights=`` loads, by name: the tag ``pretrained`` stands for, a file, auto or none."""
+    source = resolve(model_cfg.get("weights"))
+    if source.kind in ("none", "auto"):
+        return source.kind
+    if source.value == PRETRAINED and hasattr(arch, "default_weights"):
+        return str(arch.default_weights())
+    return str(source.value)
+
+
+def model_record(model_cfg: DictConfig | None) -> dict[str, Any] | None:
+    """``{"name", "arch", "backend", "weights"}`` of one model; an ensemble lists its members."""
+    if model_cfg is None or model_cfg.get("arch") is None:
+        return None
+    if is_ensemble(model_cfg):
+        members = [model_record(member) for member in member_configs(model_cfg)]
+        return {
+            "name": "ensemble(" + ", ".join(m["name"] for m in members) + ")",
+            "arch": "ensemble",
+            "combine": str(model_cfg.get("combine", "probs")),
+            "members": members,
+        }
+    arch = instantiate(model_cfg.arch)
+    weights = weights_name(model_cfg, arch)
+    # The name a reader knows the model by: the timm tag or torchvision weights when published ones are loaded.
+    published = resolve(model_cfg.get("weights")).kind == "published"
+    name = weights if published and arch.backend == "timm" else arch.id
+    if arch.backend == "kd" and model_cfg.get("name") not in (None, "custom"):
+        name = str(model_cfg.name)  # kd's own zoo networks (resnet8, digits_teacher) are known by their entry
+    if published and arch.backend == "torchvision":
+        name = f"{arch.id}.{weights}"
+    return {"name": name, "arch": arch.id, "backend": arch.backend, "weights": weights}
+
+
+def model_label(model_cfg: DictConfig | None) -> str | None:
+    record = model_record(model_cfg)
+    return record["name"] if record else None
