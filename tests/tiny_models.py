@@ -34,3 +34,20 @@ def loss_on_images(loss: DistillationLoss, images: torch.Tensor, target: torch.T
     indices = torch.arange(len(images))
     value = loss(student_logits, teacher_logits, target, Features(student_features, teacher_features, indices))
     return value, student_logits, student_features
+
+
+class NormFreeConvNet(torch.nn.Module):
+    """The digits student without BatchNorm (conv-ReLU blocks, average pooling, a linear head): its output for an
+    image does not depend on the other images of the batch, so a batch split over processes computes the same
+    thing as the whole batch in one (torch's SyncBatchNorm, which would restore that for BatchNorm, is GPU-only)."""
+
+    def __init__(self, num_classes: int, in_chans: int = 1, width: int = 8, depth: int = 2) -> None:
+        super().__init__()
+        layers: list[torch.nn.Module] = []
+        for index in range(depth):
+            layers += [torch.nn.Conv2d(in_chans if index == 0 else width, width, 3, padding=1), torch.nn.ReLU()]
+        self.features = torch.nn.Sequential(*layers)
+        self.fc = torch.nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean(dim=(2, 3)))
