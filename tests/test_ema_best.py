@@ -8,6 +8,8 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from hydra.errors import InstantiationException
+from hydra.utils import instantiate
 from safetensors.torch import load_file
 
 from kd.errors import KdError
@@ -15,6 +17,7 @@ from kd.results.best import best_record
 from kd.summary import main as summary_main
 from kd.summary import write_summary
 from kd.tasks.train import fit
+from kd.training.resume import check_student
 from tests.conftest import FAST
 
 DECAY = 0.9  # small, so that 44 steps move the average well away from the student and from its start
@@ -169,3 +172,25 @@ def test_the_summary_reports_last_best_or_ema_and_the_published_top1(tmp_path, c
 def test_the_summary_has_no_published_column_without_a_published_block(tmp_path):
     write_job(tmp_path / "0", 0, top1=0.70, best=0.72, ema=0.74, published=False)
     assert "published" not in write_summary(tmp_path).markdown
+
+
+def test_a_resume_that_switches_the_average_on_or_off_is_refused_in_one_sentence(tmp_path):
+    student = torch.nn.Module()
+    student.student = torch.nn.Linear(2, 2)
+    with_ema = torch.nn.Module()
+    with_ema.student, with_ema.student_ema = student.student, torch.nn.Module()
+    with_ema.student_ema.module = torch.nn.Linear(2, 2)
+    checkpoint = {"state_dict": with_ema.state_dict()}
+    with pytest.raises(KdError, match="written with student.ema=true, but this run sets the opposite"):
+        check_student(checkpoint, tmp_path / "last.ckpt", student)
+    with pytest.raises(KdError, match="written with student.ema=false"):
+        check_student({"state_dict": student.state_dict()}, tmp_path / "last.ckpt", with_ema)
+    check_student(checkpoint, tmp_path / "last.ckpt", with_ema)
+
+
+def test_the_sweep_callback_takes_its_report_from_the_config(make_cfg):
+    cfg = make_cfg("hydra.callbacks.sweep_summary.report=best")
+    assert instantiate(cfg.hydra.callbacks.sweep_summary).report == "best"
+    assert make_cfg().hydra.callbacks.sweep_summary.report == "last"
+    with pytest.raises(InstantiationException, match="report='ema2' is not one of last, best, ema"):  # Hydra wraps it
+        instantiate(make_cfg("hydra.callbacks.sweep_summary.report=ema2").hydra.callbacks.sweep_summary)
