@@ -116,7 +116,8 @@ def test_a_resume_from_a_mid_epoch_checkpoint_continues_the_same_average(make_cf
     assert torch.load(tmp_path / "mid.ckpt", weights_only=True)["global_step"] == 9
     final_alone = torch.load(tmp_path / "out" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     ema_alone = load_file(str(tmp_path / "out" / "student_ema.safetensors"))
-    resumed_cfg = make_cfg(*FAST, *EMA, f"ckpt_path={tmp_path / 'mid.ckpt'}", f"paths.output_dir={tmp_path / 'again'}")
+    again = [f"ckpt_path={tmp_path / 'mid.ckpt'}", f"paths.output_dir={tmp_path / 'again'}"]
+    resumed_cfg = make_cfg(*FAST, *EMA, every[0], *again)  # the same checkpointing as the run it continues
     resumed = fit(resumed_cfg, task="distill")
     final_resumed = torch.load(tmp_path / "again" / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     ema_keys = [k for k in final_alone if k.startswith("student_ema.")]
