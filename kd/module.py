@@ -18,6 +18,7 @@ from kd.data.mixup import BatchMixup
 from kd.errors import KdError, NonFiniteError
 from kd.losses.base import DistillationLoss, Features
 from kd.models import Classifier
+from kd.students.ema import student_ema
 from kd.students.fast import check_compile, to_channels_last, wants_channels_last
 from kd.teachers.cache import CachedTeacher
 from kd.teachers.frozen import FrozenTeacher
@@ -64,6 +65,8 @@ class DistillationModule(L.LightningModule):
 
     ``channels_last`` (true, false or auto: conv nets only) keeps the student's weights and inputs in NHWC
     memory order, and ``compile`` runs its forward pass through ``torch.compile`` (see ``kd.students.fast``).
+    ``ema_decay`` (None: off) keeps ``student_ema``, a moving average of the student's weights updated after
+    every optimizer step, validated beside the student as ``student_ema/*`` and checkpointed (``kd.students.ema``).
     """
 
     def __init__(
@@ -77,6 +80,7 @@ class DistillationModule(L.LightningModule):
         mixup: BatchMixup | None = None,
         channels_last: bool | str | None = "auto",
         compile: bool = False,
+        ema_decay: float | None = None,
     ) -> None:
         super().__init__()
         if teacher is None and loss.uses_teacher:
@@ -96,6 +100,8 @@ class DistillationModule(L.LightningModule):
         # of the weights in state_dict()).
         self.__dict__["student_forward"] = torch.compile(student) if compile else student
         self.num_classes = num_classes
+        # After channels_last: the average keeps the student's memory order. Registered (checkpointed), never trained.
+        self.student_ema = student_ema(student, ema_decay) if ema_decay is not None else None
         self.mixup = mixup
         is_ready = optimizer is None or isinstance(optimizer, OptimizerRecipe | torch.optim.Optimizer)
         self.optimizer_factory = optimizer if is_ready else OptimizerRecipe(optimizer)
@@ -106,6 +112,8 @@ class DistillationModule(L.LightningModule):
             self.val_teacher = accuracy_metrics(num_classes, "teacher/")
             self.val_teacher_ece = calibration_error(num_classes)
             self.val_agreement = MulticlassAccuracy(num_classes, top_k=1, average="micro")
+        if self.student_ema is not None:
+            self.val_student_ema = accuracy_metrics(num_classes, "student_ema/")
 
     teacher: FrozenTeacher | CachedTeacher | None
 
@@ -176,6 +184,9 @@ class DistillationModule(L.LightningModule):
         self.log_dict(self.val_student, prog_bar=True)
         self.val_student_ece.update(student_logits.softmax(dim=1), target)
         self.log("student/ece", self.val_student_ece)
+        if self.student_ema is not None:
+            self.val_student_ema.update(self.student_ema.module(images), target)
+            self.log_dict(self.val_student_ema)
         if self.teacher is not None:
             teacher_logits = self.teacher(images)
             check_same_classes(student_logits, teacher_logits)
@@ -208,6 +219,11 @@ class DistillationModule(L.LightningModule):
             "optimizer": optimizer,
             "lr_scheduler": scheduler_config(self.scheduler_factory, optimizer, total_steps, steps_per_epoch),
         }
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None) -> None:
+        super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        if self.student_ema is not None:  # global_step counts this step only after the hook: + 1 (timm's num_updates)
+            self.student_ema.update(self.student, step=self.global_step + 1)
 
     def global_batch_size(self) -> int | None:
         """Images per optimizer step: the per-device batch times devices times accumulated batches."""

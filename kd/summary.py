@@ -5,6 +5,11 @@ between jobs, other than ``seed``, with mean and standard deviation over seeds) 
 the sweep folder, and prints the markdown. A job that failed left ``failure.json`` instead of
 ``results.json``; a job with neither did not finish (the sweep was interrupted). Nothing is read from logs.
 At the end of ``python run.py -m ...`` the ``SweepSummary`` Hydra callback does the same.
+
+``--report`` (the callback's ``report``) picks which student is summarized: ``last`` (default: the metrics after
+the last epoch), ``best`` (the validation with the best student top-1 during training, results.json's ``best``)
+or ``ema`` (the moving average of the student's weights after the last epoch, ``student.ema=true``). Jobs of an
+``experiment=cifar100_*`` recipe carry its ``published`` top-1; summary.md then shows it and the difference.
 """
 
 from __future__ import annotations
@@ -35,6 +40,17 @@ log = logging.getLogger("kd")
 SEED_KEY = "seed"
 BASELINE_LOSS = "ce"
 TOP1 = "student/top1"
+REPORTS = {
+    "last": "metrics after the last epoch",
+    "best": "metrics of the validation with the best student top-1 during training (its epoch in summary.csv)",
+    "ema": "the student's weight average (student.ema=true) after the last epoch",
+}
+
+
+def check_report(report: str) -> str:
+    if report not in REPORTS:
+        raise KdError(f"report={report!r} is not one of {', '.join(REPORTS)}; pick which student the summary reports")
+    return report
 
 
 @dataclass
@@ -46,10 +62,23 @@ class Job:
     status: str
     results: dict[str, Any] = field(default_factory=dict)
     error: str = ""
+    report: str = "last"
 
     @property
     def metrics(self) -> dict[str, float]:
-        return self.results.get("metrics", {})
+        """The reported metrics (see ``REPORTS``), keyed as the student's: ``student/top1``, ``teacher/top1``."""
+        last = self.results.get("metrics", {})
+        if self.report == "best":
+            return {k: v for k, v in self.results.get("best", {}).items() if k not in ("epoch", "step")}
+        if self.report == "ema":  # the average's accuracy under the student's keys; agreement is the student's own
+            ema = {k.replace("student_ema/", "student/"): v for k, v in last.items() if k.startswith("student_ema/")}
+            return {**{k: v for k, v in last.items() if k.startswith("teacher/")}, **ema} if ema else {}
+        return last
+
+    @property
+    def published_top1(self) -> float | None:
+        """The published top-1 (%) of the job's recipe (``published.top1`` of conf/experiment), if it has one."""
+        return (self.results.get("published") or {}).get("top1")
 
 
 @dataclass
@@ -98,15 +127,19 @@ def load_job(folder: Path) -> Job:
     return Job(folder.name, overrides, "unfinished", error="no results.json: the job was interrupted or is running")
 
 
-def load_jobs(sweep_dir: str | Path) -> list[Job]:
+def load_jobs(sweep_dir: str | Path, report: str = "last") -> list[Job]:
     sweep_dir = Path(sweep_dir)
+    check_report(report)
     folders = job_folders(sweep_dir) if sweep_dir.is_dir() else []
     if not folders:
         raise KdError(
             f"{sweep_dir} holds no job folders of a sweep; give the folder `python run.py -m ...` printed "
             "(multirun/DATE/TIME)"
         )
-    return [load_job(folder) for folder in folders]
+    jobs = [load_job(folder) for folder in folders]
+    for job in jobs:
+        job.report = report
+    return jobs
 
 
 def split_override(override: str) -> tuple[str, str]:
@@ -147,7 +180,7 @@ def ranked(variants: list[Variant]) -> list[Variant]:
 
 CSV_LEAD = ["job", "status", "variant", "overrides", "seed", "task", "teacher", "student", "loss", "data"]
 CSV_MODELS = ["teacher_model", "student_model"]  # the real architectures and weights (kd.weights.names)
-CSV_TAIL = ["wall_time_s", "train_images_per_s", "error"]
+CSV_TAIL = ["best_epoch", "wall_time_s", "train_images_per_s", "error"]
 
 
 def csv_text(jobs: list[Job], variants: list[Variant]) -> str:
@@ -167,6 +200,7 @@ def csv_text(jobs: list[Job], variants: list[Variant]) -> str:
             **{key: job.results.get(key, "") for key in ("task", "teacher", "student", "loss", "data")},
             **{key: model_name(job.results, key) for key in CSV_MODELS},
             **job.metrics,  # written with repr(): the numbers read back equal results.json
+            "best_epoch": job.results.get("best", {}).get("epoch", ""),
             **{key: job.results.get(key, "") for key in ("wall_time_s", "train_images_per_s")},
             "error": job.error,
         }
@@ -199,7 +233,10 @@ def markdown_table(jobs: list[Job], grouped: tuple[list[Variant], list[str]] | N
     optional = [key for key in ("student/top5", "agreement", "teacher/top1") if any(key in j.metrics for j in jobs)]
     with_baseline = any(baseline_of(v, variants) for v in rows)
     header = ["variant", "seeds", "student top-1 %"] + ["Δ top-1 vs ce (points)"] * with_baseline
-    header += [COLUMN_TITLES[key] for key in optional] + ["time s"]
+    header += [COLUMN_TITLES[key] for key in optional]
+    with_published = any(job.published_top1 is not None for v in rows for job in v.finished)
+    header += ["published top-1 %", "Δ top-1 vs published (points)"] * with_published
+    header += ["time s"]
     with_speed = any(latency_ms(job) is not None for job in jobs)
     header += ["student ms/image", "student MFLOPs"] * with_speed
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -207,6 +244,8 @@ def markdown_table(jobs: list[Job], grouped: tuple[list[Variant], list[str]] | N
         cells = [variant.label, seeds_cell(variant), percent(variant.values(TOP1))]
         cells += [delta_cell(variant, baseline_of(variant, variants))] * with_baseline
         cells += [percent(variant.values(key)) for key in optional]
+        if with_published:
+            cells += published_cells(variant)
         times = [job.results["wall_time_s"] for job in variant.finished if "wall_time_s" in job.results]
         cells.append(f"{statistics.mean(times):.1f}" if times else "—")
         if with_speed:
@@ -214,6 +253,16 @@ def markdown_table(jobs: list[Job], grouped: tuple[list[Variant], list[str]] | N
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines) if rows else "No job finished."
     return table + "\n\n" + "\n".join(notes(jobs, common)) + "\n"
+
+
+def published_cells(variant: Variant) -> list[str]:
+    """The recipe's published top-1 (%) and the measured mean minus it, in points."""
+    published = next((job.published_top1 for job in variant.finished if job.published_top1 is not None), None)
+    if published is None:
+        return ["—", "—"]
+    mean = variant.mean(TOP1)
+    delta = "—" if math.isnan(mean) else f"{round(100 * mean - published, 2) + 0.0:+.2f}"
+    return [f"{published:.2f}", delta]
 
 
 def latency_ms(job: Job) -> float | None:
@@ -261,7 +310,8 @@ def notes(jobs: list[Job], common: list[str]) -> list[str]:
         names = sorted({model_name(job.results, key) for job in jobs if job.status == "ok"} - {""})
         if names:
             lines.append(f"{key.split('_')[0].capitalize()}: " + ", ".join(f"`{name}`" for name in names) + ".")
-    lines.append("Mean ± standard deviation over seeds; metrics after the last epoch.")
+    report = jobs[0].report if jobs else "last"
+    lines.append(f"Mean ± standard deviation over seeds; {REPORTS[report]} (report={report}).")
     failed = [job for job in jobs if job.status != "ok"]
     if failed:
         lines.append("\nFailed or unfinished jobs:\n")
@@ -299,7 +349,8 @@ def plot(variants: list[Variant], path: Path) -> Path:
     low = min((100 * x for v in rows for x in v.values(TOP1)), default=0.0)
     bars.set_xlim(max(0.0, low - 3), 100)
     bars.set_xlabel("student top-1 % (mean ± std over seeds, dots: jobs)")
-    bars.set_title("final validation top-1 per variant")
+    report = rows[0].finished[0].report if rows else "last"
+    bars.set_title(f"validation top-1 per variant (report={report})")
     for variant in rows:
         for job in variant.finished:
             history = [h for h in job.results.get("history", []) if TOP1 in h]
@@ -346,9 +397,10 @@ class Summary:
         return [job for job in self.jobs if job.status != "ok"]
 
 
-def write_summary(sweep_dir: str | Path) -> Summary:
+def write_summary(sweep_dir: str | Path, report: str = "last") -> Summary:
+    """summary.csv, summary.md and summary.png of the sweep; ``report``: last, best or ema (see ``REPORTS``)."""
     sweep_dir = Path(sweep_dir)
-    jobs = load_jobs(sweep_dir)
+    jobs = load_jobs(sweep_dir, report)
     grouped = group_variants(jobs)
     variants = grouped[0]
     markdown = markdown_table(jobs, grouped)
@@ -362,10 +414,14 @@ def write_summary(sweep_dir: str | Path) -> Summary:
 
 
 class SweepSummary(Callback):
-    """Hydra callback (``hydra.callbacks`` in conf/config.yaml): summarize the sweep when it ends."""
+    """Hydra callback (``hydra.callbacks`` in conf/config.yaml): summarize the sweep when it ends.
+    ``report`` (``hydra.callbacks.sweep_summary.report=best``): last, best or ema, as ``--report``."""
+
+    def __init__(self, report: str = "last") -> None:
+        self.report = check_report(report)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        summary = write_summary(config.hydra.sweep.dir)
+        summary = write_summary(config.hydra.sweep.dir, self.report)
         print(f"\nSweep summary ({summary.folder}/summary.md, summary.csv, summary.png):\n\n{summary.markdown}")
         wandb_cfg = OmegaConf.select(config, "logger.wandb")
         if wandb_cfg is not None:
@@ -379,9 +435,15 @@ class SweepSummary(Callback):
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep_dir", type=Path, help="the sweep folder, multirun/DATE/TIME")
+    parser.add_argument(
+        "--report",
+        choices=list(REPORTS),
+        default="last",
+        help="which student: " + "; ".join(f"{k}: {v}" for k, v in REPORTS.items()),
+    )
     args = parser.parse_args(argv)
     try:
-        summary = write_summary(args.sweep_dir)
+        summary = write_summary(args.sweep_dir, args.report)
     except KdError as error:
         print(f"error: {error}", file=sys.stderr)
         sys.exit(2)

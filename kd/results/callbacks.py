@@ -39,7 +39,7 @@ class TrainThroughput(L.Callback):
 class EpochLine(L.Callback):
     """One log line per epoch with the key metrics: readable where no progress bar can draw (CI logs)."""
 
-    keys = ("train/loss", "student/top1", "student/top5", "agreement")
+    keys = ("train/loss", "student/top1", "student/top5", "student_ema/top1", "agreement")
 
     def __init__(self) -> None:
         self._start = time.perf_counter()

@@ -47,6 +47,7 @@ def write_results(out: Path, cfg: DictConfig, task: str, **extra: Any) -> Path:
         "data": chosen.get("data"),
         "seed": cfg.seed,
         **extra,
+        **({"published": OmegaConf.to_container(cfg.published)} if cfg.get("published") else {}),
         "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
     }
     path = write_json_atomic(out / RESULTS_FILE, results)

@@ -12,10 +12,12 @@ from omegaconf import DictConfig
 
 from kd.data.unlabeled import check_labels_reach_loss, training_images
 from kd.module import DistillationModule
+from kd.results.best import best_record
 from kd.results.callbacks import TrainThroughput, ValidationHistory
 from kd.results.files import write_results
 from kd.results.report import print_summary
 from kd.students.card import CardInCheckpoint, card_for
+from kd.students.ema import check_ema_decay
 from kd.students.export import export_student
 from kd.students.fast import check_compile, wants_channels_last
 from kd.students.speed import student_speed
@@ -57,6 +59,7 @@ def fit(cfg: DictConfig, task: str, given: Given | None = None) -> dict:
     loss = given.loss if given.loss is not None else instantiate(cfg.loss)
     check_compile(bool(cfg.student.get("compile", False)), loss.feature_stages().student)  # before any work
     wants_channels_last(cfg.student.get("channels_last", "auto"), torch.nn.Module())  # refuses a bad value now
+    ema_decay = check_ema_decay(cfg.student.get("ema_decay")) if cfg.student.get("ema", False) else None
     mixup = instantiate(cfg.mixup) if cfg.get("mixup") else None  # checks the batch size before any work
     optimizer = optimizer_factory(cfg)
     scheduler = instantiate(cfg.sched) if cfg.get("sched") else None
@@ -90,6 +93,7 @@ def fit(cfg: DictConfig, task: str, given: Given | None = None) -> dict:
         mixup,
         channels_last=cfg.student.get("channels_last", "auto"),
         compile=bool(cfg.student.get("compile", False)),
+        ema_decay=ema_decay,
     )
     loss.bind_data(len(data.train_set))  # before the resume check compares loss.* shapes (CRD's memories)
     if resume is not None:
@@ -109,7 +113,10 @@ def fit(cfg: DictConfig, task: str, given: Given | None = None) -> dict:
         **after,
         **{k.replace("student/", "student_init/"): v for k, v in before.items() if k.startswith("student/")},
     }
-    extra = {}
+    history_records = [{"epoch": 0, "step": 0, **before}, *history.records]  # validation after each epoch
+    extra = {"best": best} if (best := best_record(history_records)) else {}
+    if ema_decay is not None:
+        extra["ema_decay"] = ema_decay
     if teacher is not None:
         extra["teacher_fingerprint"] = fingerprint_record(teacher)
         if trainer.is_global_zero:  # each ensemble member, and the teacher on its own view (kd.teachers.views)
@@ -122,10 +129,12 @@ def fit(cfg: DictConfig, task: str, given: Given | None = None) -> dict:
         "world_size": trainer.world_size,
         "train_images": training_images(data),
         "output_dir": str(out),
-        "history": [{"epoch": 0, "step": 0, **before}, *history.records],  # validation after each epoch
+        "history": history_records,
     }
     if trainer.is_global_zero:
         export_student(student, card, out, ["safetensors"])  # student.safetensors + student.json
+        if module.student_ema is not None:  # student_ema.safetensors + student_ema.json, loadable the same way
+            export_student(module.student_ema.module, card, out, ["safetensors"], name="student_ema")
         if cfg.student.get("measure_speed", True):  # the deployed student's latency, FLOPs, parameters
             image_size = tuple(data.val_set[0][0].shape)
             results["student_speed"] = student_speed(student, image_size, trainer.strategy.root_device)

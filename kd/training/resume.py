@@ -175,6 +175,12 @@ def check_student(checkpoint: dict[str, Any], path: Path, module: L.LightningMod
     theirs = {k: v.shape for k, v in checkpoint["state_dict"].items()}
     if own != theirs:
         differing = sorted(set(own) ^ set(theirs)) or sorted(k for k in own if own[k] != theirs[k])
+        if differing[0].startswith("student_ema.") and set(own) ^ set(theirs):  # student.ema switched on or off
+            saved = "true" if differing[0] in theirs else "false"
+            raise KdError(
+                f"checkpoint {path} was written with student.ema={saved}, but this run sets the opposite; resume "
+                f"with student.ema={saved}"
+            )
         raise KdError(
             f"checkpoint {path} holds another student or loss (e.g. {differing[0]}); resume with the student "
             "and loss the run started with"
