@@ -110,10 +110,18 @@ def test_wandb_is_offline_without_an_api_key_and_online_with_one(tmp_path):
     assert wandb_mode_in({"WANDB_MODE": "disabled"}, tmp_path) == "None"  # the user's WANDB_MODE decides
 
 
-def test_a_refused_run_ends_its_wandb_run_as_failed(tmp_path, cache_dir):
+def test_a_refused_run_starts_no_wandb_run(tmp_path, cache_dir):
     env = wandb_env(tmp_path)
     result = run_cli("trainer.max_epochs=2", "sched.warmup_epochs=3", cwd=tmp_path, cache_dir=cache_dir, extra_env=env)
     assert result.returncode == 2 and "covers the whole run" in result.stderr
+    assert not list(tmp_path.glob("wandb/*"))  # the loggers attach only after every check passed
+
+
+def test_a_run_that_fails_while_training_ends_its_wandb_run_as_failed(tmp_path, cache_dir):
+    env = wandb_env(tmp_path)
+    diverging = [*FAST, "optim.lr=1e30", "sched.warmup_epochs=0"]  # the KD term becomes NaN at step 1
+    result = run_cli(*diverging, cwd=tmp_path, cache_dir=cache_dir, extra_env=env)
+    assert result.returncode == 2 and "became nan at step 1" in result.stderr
     [log_file] = list(tmp_path.glob("wandb/offline-run-*/run-*.wandb"))
     exits = [r.exit.exit_code for r in wandb_records(log_file) if r.WhichOneof("record_type") == "exit"]
     assert exits == [1]  # finished by kd as failed (wandb's own exit hook would record the process's code 2)
