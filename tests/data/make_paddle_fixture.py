@@ -7,7 +7,9 @@ environment that has PaddlePaddle (never needed by kd or its tests)::
 
     python -m venv /tmp/paddle-venv
     /tmp/paddle-venv/bin/pip install paddlepaddle
-    /tmp/paddle-venv/bin/pip install --no-deps paddleclas   # plus what its resnet module imports
+    /tmp/paddle-venv/bin/pip install --no-deps paddleclas
+    # what paddleclas's __init__ imports (measured with paddlepaddle 3.3.1, paddleclas 2.6.0):
+    /tmp/paddle-venv/bin/pip install requests opencv-python-headless tqdm prettytable scikit-learn six pyyaml faiss-cpu
     /tmp/paddle-venv/bin/python tests/data/make_paddle_fixture.py
 
 Size. ResNet50_vd has about 23.5M parameters (47 MB in float16), too big to commit. So every convolution
