@@ -11,6 +11,7 @@ from kd.errors import KdError
 from kd.models import Classifier
 from kd.models.wrap import as_classifier, output_classes
 from kd.teachers.cache import CachedTeacher
+from kd.teachers.ensemble import EnsembleTeacher
 from kd.teachers.frozen import FrozenTeacher
 
 
@@ -38,7 +39,7 @@ def checked_models(
                 f"the teacher and the student share {len(shared)} parameter tensors (the same network passed twice?), "
                 "but the teacher is frozen and only the student trains; pass a copy as teacher (copy.deepcopy)"
             )
-    if teacher is not None and not isinstance(teacher, FrozenTeacher | CachedTeacher):
+    if teacher is not None and not isinstance(teacher, FrozenTeacher | CachedTeacher | EnsembleTeacher):  # kd's own
         teacher = freeze(as_classifier(teacher))
     classes = output_classes(student)
     teacher_classes = output_classes(teacher.model) if isinstance(teacher, FrozenTeacher) else None
