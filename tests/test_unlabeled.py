@@ -313,3 +313,15 @@ def test_unreadable_unlabeled_images_follow_bad_images(tmp_path):
     data.setup("fit")
     image, target = data.train_set[data.num_labeled]  # served the next image instead
     assert target == UNLABELED and image.shape == (1, 8, 8)
+
+
+def test_the_batch_check_lets_unlabeled_images_through_and_still_refuses_bad_labels():
+    from kd.data.batches import unpack_batch
+
+    images = torch.rand(4, 1, 8, 8)
+    labels = torch.tensor([3, UNLABELED, 9, UNLABELED])
+    _, target, _ = unpack_batch((images, labels), 1, 10, True)
+    assert torch.equal(target, labels)  # -1 reaches the masked label terms unchanged
+    for bad in (torch.tensor([3, -2, 0, 1]), torch.tensor([3, 10, 0, 1])):
+        with pytest.raises(KdError, match="outside the 10 classes"):
+            unpack_batch((images, bad), 1, 10, True)

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import torch
 
+from kd.data.unlabeled import UNLABELED
 from kd.errors import KdError
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]
@@ -57,7 +58,9 @@ def unpack_batch(
             f"the labels of a batch of {n} images must be {n} class indices (an integer tensor) or ({n}, "
             f"{num_classes}) class probabilities, but they are {describe(target)}; yield (images, labels) pairs"
         )
-    if check_values and indices and n and not bool(((target >= 0) & (target < num_classes)).all()):
+    # UNLABELED (-1) marks an image without a label (data.unlabeled, data.labeled_fraction): label terms skip it.
+    known = target != UNLABELED if indices else None
+    if check_values and indices and n and not bool(((target >= 0) & (target < num_classes) | ~known).all()):
         raise KdError(
             f"a batch has labels from {int(target.min())} to {int(target.max())}, outside the {num_classes} classes "
             f"the models predict (0 to {num_classes - 1}); relabel the data or use models for its classes"
