@@ -76,7 +76,9 @@ def test_wandb_offline_sweep_gives_each_job_its_own_run_beside_tensorboard_and_c
     for job, run in zip(("0", "1"), runs, strict=True):
         results = json.loads((sweep / job / "results.json").read_text())
         assert run["run"].run_group == f"{tmp_path.name}/sweep"  # the sweep's folder: one group for the sweep
-        assert set(run["run"].tags) == {"teacher:digits_teacher", "student:digits_student", "loss:kd", "data:digits"}
+        chosen = {"teacher:digits_teacher", "student:digits_student", "loss:kd", "data:digits"}
+        real = {"teacher_model:digits_teacher", "student_model:digits_student"}  # the models built (kd.weights.names)
+        assert set(run["run"].tags) == chosen | real
         assert run["config"]["optim"]["lr"] == 0.1 and run["config"]["loss"]["alpha"] == 0.5  # resolved config
         assert run["config"]["seed"] == int(job)
         logged = {key for row in run["history"] for key in row}
