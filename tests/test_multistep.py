@@ -120,13 +120,12 @@ RESUME_RUN += ["sched.warmup_epochs=0.5"]
 
 
 @pytest.mark.slow
-def test_a_killed_multistep_run_resumes_to_the_same_weights(tmp_path, cache_dir, monkeypatch):
-    monkeypatch.setattr(resume_machinery, "RUN", RESUME_RUN)  # start_and_kill starts resume_machinery.RUN
+def test_a_killed_multistep_run_resumes_to_the_same_weights(tmp_path, cache_dir):
     alone, killed = tmp_path / "alone", tmp_path / "killed"
     alone.mkdir(), killed.mkdir()
     result = run_cli(*RESUME_RUN, cwd=alone, cache_dir=cache_dir)
     assert result.returncode == 0, result.stderr[-3000:]
-    last = resume_machinery.start_and_kill(killed, cache_dir, kill_after_step=7)  # inside the warmup
+    last = resume_machinery.start_and_kill(killed, cache_dir, kill_after_step=7, run=RESUME_RUN)  # inside the warmup
     stopped_at = last["global_step"]
     assert 0 < stopped_at < 44
     resumed = run_cli(*RESUME_RUN, "ckpt_path=last", cwd=killed, cache_dir=cache_dir)
