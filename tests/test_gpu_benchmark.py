@@ -1,7 +1,9 @@
 """benchmarks/gpu.py runs its whole code path on a CPU with tiny models, and refuses clearly without CUDA."""
 
 import json
+import logging
 import sys
+import warnings
 
 import pytest
 import torch
@@ -10,6 +12,19 @@ from tests.conftest import ROOT
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import gpu  # noqa: E402
+
+QUIETED = ("lightning", "lightning.pytorch", "lightning.fabric", "kd", "kd.models.build")
+
+
+@pytest.fixture(autouse=True)
+def benchmark_quiet_stays_in_this_file():
+    """The benchmark, run in this process, quiets kd's logs and all warnings for its JSON (throughput.quiet):
+    the tests after these must see both as before."""
+    levels = {name: logging.getLogger(name).level for name in QUIETED}
+    with warnings.catch_warnings():
+        yield
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
 
 
 def test_the_gpu_benchmark_runs_kd_and_the_hand_loop_in_both_memory_formats_on_a_cpu(capsys):

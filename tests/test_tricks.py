@@ -63,14 +63,22 @@ class RecordBatches(L.Callback):
 
 
 def record_inputs(model, seen: list) -> None:
-    """Remember every image tensor ``model`` receives for a training forward pass."""
-    forward = model.forward_with_features
+    """Remember every image tensor ``model`` receives for a training forward pass: through
+    ``forward_with_features`` (the teacher; a student read for feature maps) or, for a student in training
+    mode without feature maps, its plain forward (kd's fast path)."""
+    with_features, plain = model.forward_with_features, model.forward
 
     def recording(images, stages=()):
         seen.append(images.clone())
-        return forward(images, stages)
+        return with_features(images, stages)
+
+    def recording_plain(images):
+        if model.training:
+            seen.append(images.clone())
+        return plain(images)
 
     model.forward_with_features = recording
+    model.forward = recording_plain
 
 
 def test_mixup_reaches_teacher_and_student_as_the_same_mixed_tensor_with_mixed_labels():

@@ -83,7 +83,9 @@ def load_arch(name: str):
 def test_every_model_of_the_seed_articles_is_in_the_zoo_for_both_roles():
     names = register_models()
     assert set(SEED_ARTICLE_MODELS) <= set(names)
-    assert names == model_names()
+    by_name = sorted(path.stem for path in (CONF_DIR / "any_model").glob("*.yaml"))  # teacher=timm ... custom
+    assert by_name == ["custom", "ensemble", "timm", "torchvision"]
+    assert names == model_names() + by_name  # the zoo, then the entries that take any model by name
 
 
 @pytest.mark.slow
