@@ -83,3 +83,26 @@ def test_compiled_teacher_gives_the_eager_outputs():
     images = torch.rand(16, 1, 8, 8)
     assert torch.allclose(compiled(images), eager(images), atol=1e-5)
     assert compiled.check_unchanged() == eager.start_fingerprint
+
+
+@pytest.mark.slow
+def test_compiled_teacher_is_frozen_into_its_graph_without_changing_global_config(monkeypatch):
+    import torch._inductor.config as inductor_config
+    import torch._inductor.freezing as freezing
+
+    frozen_graphs = []
+    real_freeze = freezing.freeze
+
+    def spy(*args, **kwargs):
+        frozen_graphs.append(args)
+        return real_freeze(*args, **kwargs)
+
+    monkeypatch.setattr(freezing, "freeze", spy)
+    teacher = FrozenTeacher(small_classifier(width=8, depth=2), compile=True)
+    eager = FrozenTeacher(small_classifier(width=8, depth=2))
+    images = torch.rand(16, 1, 8, 8)
+    with inductor_config.patch(fx_graph_cache=False):  # a cached graph from another test would skip the compile
+        logits = teacher(images)
+    assert frozen_graphs, "the teacher's graph was compiled without inductor's freezing"
+    assert inductor_config.freezing is False  # set around the teacher's calls only
+    assert torch.allclose(logits, eager(images), atol=1e-5)

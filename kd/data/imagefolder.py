@@ -66,6 +66,31 @@ def image_problem(path: str) -> str | None:
     return None
 
 
+def image_problems(paths: list[str]) -> list[str | None]:
+    """``image_problem`` of every file, read in threads: opening many small files is I/O-bound."""
+    with ThreadPoolExecutor(max_workers=min(32, 4 * (os.cpu_count() or 1))) as pool:
+        return list(pool.map(image_problem, paths, chunksize=256))
+
+
+def readable_samples(candidates: list[tuple[str, int]], problems: list[str | None], dataset: Any, root: str) -> list:
+    """The (path, target) samples whose file has no problem. Each bad one goes to ``dataset.handle`` (which stops
+    the run, or records it in ``dataset.skipped`` under data.bad_images=skip); the skipped are logged once."""
+    samples = []
+    for (path, target), problem in zip(candidates, problems, strict=True):
+        if problem is None:
+            samples.append((path, target))
+        else:
+            dataset.handle(BadImage(path, problem))
+    if dataset.skipped:
+        log.warning(
+            "data.bad_images=skip: left out %d unreadable or non-image files under %s (first: %s %s)",
+            len(dataset.skipped),
+            root,
+            *next(iter(dataset.skipped.items())),
+        )
+    return samples
+
+
 class BadImage(Exception):
     def __init__(self, path: str, reason: str) -> None:
         super().__init__(f"{path} {reason}")
@@ -108,23 +133,10 @@ class CheckedImageFolder(ImageFolder):
                 raise KdError(f"class folder {folder} has no images; put its images there or remove the folder")
             candidates += [(path, index) for path in files]
         if self.check_headers:
-            with ThreadPoolExecutor(max_workers=min(32, 4 * (os.cpu_count() or 1))) as pool:
-                problems = list(pool.map(image_problem, (path for path, _ in candidates), chunksize=256))
+            problems = image_problems([path for path, _ in candidates])
         else:  # decode errors are still caught when a file is loaded
             problems = [None if p.lower().endswith(IMG_EXTENSIONS) else "is not an image file" for p, _ in candidates]
-        samples = []
-        for (path, index), problem in zip(candidates, problems, strict=True):
-            if problem is None:
-                samples.append((path, index))
-            else:
-                self.handle(BadImage(path, problem))
-        if self.skipped:
-            log.warning(
-                "data.bad_images=skip: left out %d unreadable or non-image files under %s (first: %s %s)",
-                len(self.skipped),
-                directory,
-                *next(iter(self.skipped.items())),
-            )
+        samples = readable_samples(candidates, problems, self, directory)
         for name, index in class_to_idx.items():
             if not any(i == index for _, i in samples):
                 raise KdError(f"class folder {os.path.join(directory, name)} has no readable image; add some")

@@ -19,7 +19,6 @@ import logging
 import math
 import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +53,7 @@ class UnlabeledFolder(Dataset):
     """
 
     def __init__(self, root: str | Path, transform: Callable, bad_images: str = "stop") -> None:
-        from kd.data.imagefolder import BAD_IMAGE_POLICIES, BadImage, image_problem, visible  # it imports base
+        from kd.data.imagefolder import BAD_IMAGE_POLICIES, image_problems, readable_samples, visible  # imports base
 
         if bad_images not in BAD_IMAGE_POLICIES:
             raise KdError(f"data.bad_images={bad_images} is unknown; use stop or skip")
@@ -70,24 +69,10 @@ class UnlabeledFolder(Dataset):
             for name in sorted(names)
             if visible(name) and not any(part.startswith(".") for part in Path(folder).relative_to(self.root).parts)
         ]
-        with ThreadPoolExecutor(max_workers=min(32, 4 * (os.cpu_count() or 1))) as pool:
-            problems = list(pool.map(image_problem, files, chunksize=256))
-        paths = []
-        for path, problem in zip(files, problems, strict=True):
-            if problem is None:
-                paths.append(path)
-            else:
-                self.handle(BadImage(path, problem))
-        if self.skipped:
-            log.warning(
-                "data.bad_images=skip: left out %d unreadable or non-image files under %s (first: %s %s)",
-                len(self.skipped),
-                self.root,
-                *next(iter(self.skipped.items())),
-            )
-        if not paths:
+        candidates = [(path, UNLABELED) for path in files]
+        self.samples = readable_samples(candidates, image_problems(files), self, self.root)
+        if not self.samples:
             raise KdError(f"data.unlabeled={root} holds no readable image file; put images there or set it to null")
-        self.samples = [(path, UNLABELED) for path in paths]
 
     def handle(self, bad: Any) -> None:
         if self.bad_images == "stop":

@@ -4,10 +4,9 @@ import torch
 import torch.nn.functional as F
 
 from kd.errors import KdError
-from kd.losses.base import DistillationLoss, Features, FeatureStages
 from kd.losses.fitnet import match_size
-from kd.losses.labels import check_label_smoothing, check_weight, label_cross_entropy
-from kd.losses.stages import UNBOUND, check_bound, full_precision, stage_pairs
+from kd.losses.labels import check_weight
+from kd.losses.stages import StagePairLoss
 
 
 def attention_map(feature_map: torch.Tensor, p: float) -> torch.Tensor:
@@ -16,7 +15,7 @@ def attention_map(feature_map: torch.Tensor, p: float) -> torch.Tensor:
     return F.normalize(a, dim=1)
 
 
-class AttentionTransfer(DistillationLoss):
+class AttentionTransfer(StagePairLoss):
     """Attention transfer (Zagoruyko & Komodakis, ICLR 2017), activation-based, as mdistiller's AT runs it:
     ``ce_weight * CE + beta * sum over stages of mean((a_s - a_t)^2)``.
 
@@ -25,6 +24,8 @@ class AttentionTransfer(DistillationLoss):
     differ, the larger feature map is average-pooled to the smaller's size first (as ``loss=fitnet``).
     Stages: ``student_stages[i]`` is compared with ``teacher_stages[i]``; both null: every stage but the stem.
     """
+
+    name = "at"
 
     def __init__(
         self,
@@ -35,32 +36,16 @@ class AttentionTransfer(DistillationLoss):
         ce_weight: float = 1.0,
         label_smoothing: float = 0.0,
     ) -> None:
-        super().__init__()
+        super().__init__(ce_weight, label_smoothing, student_stages, teacher_stages)
         if p <= 0:
             raise KdError(f"loss.p={p} must be positive; attention transfer uses 2")
         self.beta = check_weight("beta", beta)
         self.p = p
-        self.ce_weight = check_weight("ce_weight", ce_weight)
-        self.label_smoothing = check_label_smoothing(label_smoothing)
-        self.requested = (student_stages, teacher_stages)
-        self.stages: FeatureStages | None = None
 
-    def bind(self, student, teacher) -> None:
-        if teacher is not None:
-            self.stages = FeatureStages(*stage_pairs(student, teacher, *self.requested, "at"))
-
-    def feature_stages(self) -> FeatureStages:
-        return self.stages or UNBOUND
-
-    def compute_terms(self, student_logits, teacher_logits, target, features: Features):
-        check_bound("at", self.stages is not None)
-        total = student_logits.new_zeros((), dtype=torch.float32)
-        with full_precision(student_logits):
-            for s, t in zip(self.stages.student, self.stages.teacher, strict=True):
-                student_map, teacher_map = match_size(features.student[s], features.teacher[t])
-                difference = attention_map(student_map, self.p) - attention_map(teacher_map, self.p)
-                total = total + difference.pow(2).mean()
-        terms = {"at": self.beta * total}
-        if self.ce_weight > 0:
-            terms["ce"] = self.ce_weight * label_cross_entropy(student_logits, target, self.label_smoothing)
-        return terms
+    def feature_terms(self, pairs):
+        total = 0
+        for student_map, teacher_map in pairs:
+            student_map, teacher_map = match_size(student_map, teacher_map)
+            difference = attention_map(student_map, self.p) - attention_map(teacher_map, self.p)
+            total = total + difference.pow(2).mean()
+        return {"at": self.beta * total}

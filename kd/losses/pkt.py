@@ -3,9 +3,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kd.losses.base import DistillationLoss, Features, FeatureStages
-from kd.losses.labels import check_label_smoothing, check_weight, label_cross_entropy
-from kd.losses.stages import UNBOUND, check_bound, full_precision, last_stage, pooled
+from kd.losses.labels import check_weight
+from kd.losses.stages import StagePairLoss, pooled
 
 EPS = 1e-7  # as RepDistiller's PKT: keeps the log finite where a conditional probability is 0
 
@@ -17,7 +16,7 @@ def cosine_conditionals(features: torch.Tensor) -> torch.Tensor:
     return kernel / kernel.sum(dim=1, keepdim=True)
 
 
-class ProbabilisticKnowledgeTransfer(DistillationLoss):
+class ProbabilisticKnowledgeTransfer(StagePairLoss):
     """PKT (Passalis & Tefas, ECCV 2018), as RepDistiller runs it on CIFAR-100:
     ``ce_weight * CE + weight * mean_{i,j} P_t[i,j] * log((P_t[i,j] + eps) / (P_s[i,j] + eps))``.
 
@@ -27,28 +26,15 @@ class ProbabilisticKnowledgeTransfer(DistillationLoss):
     RepDistiller does. Feature dimensions of the two networks need not match; a batch needs two images or more.
     """
 
+    name = "pkt"
+
     def __init__(self, weight: float = 30000.0, ce_weight: float = 1.0, label_smoothing: float = 0.0) -> None:
-        super().__init__()
+        super().__init__(ce_weight, label_smoothing, last_stage_only=True)
         self.weight = check_weight("weight", weight)
-        self.ce_weight = check_weight("ce_weight", ce_weight)
-        self.label_smoothing = check_label_smoothing(label_smoothing)
-        self.stages: FeatureStages | None = None
 
-    def bind(self, student, teacher) -> None:
-        if teacher is not None:
-            s, t = last_stage(student, teacher, "pkt")
-            self.stages = FeatureStages((s,), (t,))
-
-    def feature_stages(self) -> FeatureStages:
-        return self.stages or UNBOUND
-
-    def compute_terms(self, student_logits, teacher_logits, target, features: Features):
-        check_bound("pkt", self.stages is not None)
-        with full_precision(student_logits):
-            p_s = cosine_conditionals(pooled(features.student[self.stages.student[0]]))
-            p_t = cosine_conditionals(pooled(features.teacher[self.stages.teacher[0]]))
-            kl = (p_t * torch.log((p_t + EPS) / (p_s + EPS))).mean()
-        terms = {"pkt": self.weight * kl}
-        if self.ce_weight > 0:
-            terms["ce"] = self.ce_weight * label_cross_entropy(student_logits, target, self.label_smoothing)
-        return terms
+    def feature_terms(self, pairs):
+        [(student_map, teacher_map)] = pairs
+        p_s = cosine_conditionals(pooled(student_map))
+        p_t = cosine_conditionals(pooled(teacher_map))
+        kl = (p_t * torch.log((p_t + EPS) / (p_s + EPS))).mean()
+        return {"pkt": self.weight * kl}

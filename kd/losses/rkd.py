@@ -3,9 +3,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from kd.losses.base import DistillationLoss, Features, FeatureStages
-from kd.losses.labels import check_label_smoothing, check_weight, label_cross_entropy
-from kd.losses.stages import UNBOUND, check_bound, full_precision, last_stage, pooled
+from kd.losses.labels import check_weight
+from kd.losses.stages import StagePairLoss, pooled
 
 
 def normalized_distances(embeddings: torch.Tensor) -> torch.Tensor:
@@ -26,7 +25,7 @@ def angles(embeddings: torch.Tensor) -> torch.Tensor:
     return unit @ unit.transpose(1, 2)
 
 
-class RelationalKD(DistillationLoss):
+class RelationalKD(StagePairLoss):
     """Relational KD (Park et al., CVPR 2019), as RepDistiller runs it on CIFAR-100:
     ``ce_weight * CE + distance_weight * L_d + angle_weight * L_a``, with
     ``L_d = smooth_l1(psi_D(s), psi_D(t))`` over all pairs and ``L_a = smooth_l1(psi_A(s), psi_A(t))`` over all
@@ -37,6 +36,8 @@ class RelationalKD(DistillationLoss):
     two networks' feature dimensions need not match. A batch needs two images or more (three for angles).
     """
 
+    name = "rkd"
+
     def __init__(
         self,
         distance_weight: float = 25.0,
@@ -44,29 +45,13 @@ class RelationalKD(DistillationLoss):
         ce_weight: float = 1.0,
         label_smoothing: float = 0.0,
     ) -> None:
-        super().__init__()
+        super().__init__(ce_weight, label_smoothing, last_stage_only=True)
         self.distance_weight = check_weight("distance_weight", distance_weight)
         self.angle_weight = check_weight("angle_weight", angle_weight)
-        self.ce_weight = check_weight("ce_weight", ce_weight)
-        self.label_smoothing = check_label_smoothing(label_smoothing)
-        self.stages: FeatureStages | None = None
 
-    def bind(self, student, teacher) -> None:
-        if teacher is not None:
-            s, t = last_stage(student, teacher, "rkd")
-            self.stages = FeatureStages((s,), (t,))
-
-    def feature_stages(self) -> FeatureStages:
-        return self.stages or UNBOUND
-
-    def compute_terms(self, student_logits, teacher_logits, target, features: Features):
-        check_bound("rkd", self.stages is not None)
-        with full_precision(student_logits):
-            student = pooled(features.student[self.stages.student[0]])
-            teacher = pooled(features.teacher[self.stages.teacher[0]])
-            distance = F.smooth_l1_loss(normalized_distances(student), normalized_distances(teacher))
-            angle = F.smooth_l1_loss(angles(student), angles(teacher))
-        terms = {"rkd_distance": self.distance_weight * distance, "rkd_angle": self.angle_weight * angle}
-        if self.ce_weight > 0:
-            terms["ce"] = self.ce_weight * label_cross_entropy(student_logits, target, self.label_smoothing)
-        return terms
+    def feature_terms(self, pairs):
+        [(student_map, teacher_map)] = pairs
+        student, teacher = pooled(student_map), pooled(teacher_map)
+        distance = F.smooth_l1_loss(normalized_distances(student), normalized_distances(teacher))
+        angle = F.smooth_l1_loss(angles(student), angles(teacher))
+        return {"rkd_distance": self.distance_weight * distance, "rkd_angle": self.angle_weight * angle}

@@ -5,9 +5,8 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
-from kd.losses.base import DistillationLoss, Features, FeatureStages
-from kd.losses.labels import check_label_smoothing, check_weight, label_cross_entropy
-from kd.losses.stages import UNBOUND, check_bound, full_precision, stage_pairs
+from kd.losses.labels import check_weight
+from kd.losses.stages import StagePairLoss
 
 
 def similarity(feature_map: torch.Tensor) -> torch.Tensor:
@@ -16,7 +15,7 @@ def similarity(feature_map: torch.Tensor) -> torch.Tensor:
     return F.normalize(flat @ flat.T, dim=1)
 
 
-class SimilarityPreserving(DistillationLoss):
+class SimilarityPreserving(StagePairLoss):
     """Similarity-preserving KD (Tung & Mori, ICCV 2019), as RepDistiller runs it on CIFAR-100:
     ``ce_weight * CE + gamma * sum over stages of ||G_s - G_t||_F^2 / N^2``.
 
@@ -26,6 +25,8 @@ class SimilarityPreserving(DistillationLoss):
     choice); ``student_stages``/``teacher_stages`` list several, summed.
     """
 
+    name = "sp"
+
     def __init__(
         self,
         gamma: float = 3000.0,
@@ -34,28 +35,12 @@ class SimilarityPreserving(DistillationLoss):
         ce_weight: float = 1.0,
         label_smoothing: float = 0.0,
     ) -> None:
-        super().__init__()
+        super().__init__(ce_weight, label_smoothing, student_stages, teacher_stages)
         self.gamma = check_weight("gamma", gamma)
-        self.ce_weight = check_weight("ce_weight", ce_weight)
-        self.label_smoothing = check_label_smoothing(label_smoothing)
-        self.requested = (student_stages, teacher_stages)
-        self.stages: FeatureStages | None = None
 
-    def bind(self, student, teacher) -> None:
-        if teacher is not None:
-            self.stages = FeatureStages(*stage_pairs(student, teacher, *self.requested, "sp"))
-
-    def feature_stages(self) -> FeatureStages:
-        return self.stages or UNBOUND
-
-    def compute_terms(self, student_logits, teacher_logits, target, features: Features):
-        check_bound("sp", self.stages is not None)
-        total = student_logits.new_zeros((), dtype=torch.float32)
-        with full_precision(student_logits):
-            for s, t in zip(self.stages.student, self.stages.teacher, strict=True):
-                difference = similarity(features.student[s]) - similarity(features.teacher[t])
-                total = total + difference.pow(2).sum() / difference.shape[0] ** 2
-        terms = {"sp": self.gamma * total}
-        if self.ce_weight > 0:
-            terms["ce"] = self.ce_weight * label_cross_entropy(student_logits, target, self.label_smoothing)
-        return terms
+    def feature_terms(self, pairs):
+        total = 0
+        for student_map, teacher_map in pairs:
+            difference = similarity(student_map) - similarity(teacher_map)
+            total = total + difference.pow(2).sum() / difference.shape[0] ** 2
+        return {"sp": self.gamma * total}

@@ -1,5 +1,6 @@
 """Stage choice shared by the feature losses (at, sp, pkt, rkd, crd): which of timm's ``feature_info`` stages of the
-student are compared with which of the teacher, checked against the models before any training."""
+student are compared with which of the teacher, checked against the models before any training; and
+``StagePairLoss``, the frame of the losses that compare those feature maps pair by pair."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from collections.abc import Sequence
 import torch
 
 from kd.errors import KdError
-from kd.losses.base import FeatureStages
+from kd.losses.base import DistillationLoss, Features, FeatureStages
+from kd.losses.labels import check_label_smoothing, check_weight, label_cross_entropy
 
 
 def stage_info(model, role: str, loss_name: str) -> list[dict]:
@@ -81,3 +83,56 @@ def full_precision(like: torch.Tensor) -> torch.autocast:
 def check_bound(loss_name: str, bound: bool) -> None:
     if not bound:
         raise KdError(f"loss={loss_name} was used before bind(student, teacher) chose its stages; this is a bug in kd")
+
+
+class StagePairLoss(DistillationLoss):
+    """A loss on (student stage, teacher stage) feature maps plus the label cross-entropy (``ce_weight``, 0: off).
+
+    What AT, SP, PKT and RKD share: the stages are chosen in ``bind`` against the two models (``stage_pairs`` of
+    the requested ones, or with ``last_stage_only`` the last stage of each), and the feature terms are computed
+    in float32 under any autocast. A subclass names itself (``name``, as in ``loss=NAME``) and implements
+    ``feature_terms``.
+    """
+
+    name: str
+
+    def __init__(
+        self,
+        ce_weight: float,
+        label_smoothing: float,
+        student_stages: Sequence[int] | None = None,
+        teacher_stages: Sequence[int] | None = None,
+        last_stage_only: bool = False,
+    ) -> None:
+        super().__init__()
+        self.ce_weight = check_weight("ce_weight", ce_weight)
+        self.label_smoothing = check_label_smoothing(label_smoothing)
+        self.requested = (student_stages, teacher_stages)
+        self.last_stage_only = last_stage_only
+        self.stages: FeatureStages | None = None
+
+    def bind(self, student, teacher) -> None:
+        if teacher is None:
+            return
+        if self.last_stage_only:
+            s, t = last_stage(student, teacher, self.name)
+            self.stages = FeatureStages((s,), (t,))
+        else:
+            self.stages = FeatureStages(*stage_pairs(student, teacher, *self.requested, self.name))
+
+    def feature_stages(self) -> FeatureStages:
+        return self.stages or UNBOUND
+
+    def feature_terms(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        """The weighted feature terms from the (student map, teacher map) of every chosen stage pair."""
+        raise NotImplementedError
+
+    def compute_terms(self, student_logits, teacher_logits, target, features: Features):
+        check_bound(self.name, self.stages is not None)
+        stage_pairs_of_batch = zip(self.stages.student, self.stages.teacher, strict=True)
+        pairs = [(features.student[s], features.teacher[t]) for s, t in stage_pairs_of_batch]
+        with full_precision(student_logits):
+            terms = self.feature_terms(pairs)
+        if self.ce_weight > 0:
+            terms["ce"] = self.ce_weight * label_cross_entropy(student_logits, target, self.label_smoothing)
+        return terms

@@ -1,8 +1,8 @@
 """The student's training-step speed: channels-last memory format and ``torch.compile``.
 
-Channels-last (NHWC) is what oneDNN on CPUs and tensor cores on GPUs prefer for convolutions; a resnet18
-training step at 64 px on a 2-core CPU took 1.2-1.5x less time in it than in NCHW. It changes only how the
-weights and activations are laid out in memory, not their values: results equal NCHW's within float rounding
+Channels-last (NHWC) is what oneDNN on CPUs and tensor cores on GPUs prefer for convolutions (what it gains on
+this CPU is measured in the README's Performance section). It changes only how the weights and activations are
+laid out in memory, not their values: results equal NCHW's within float rounding
 (the order of summation inside a convolution may differ). ``student.channels_last=auto`` turns it on for conv
 nets only: a network with a ``Conv2d`` and no attention layer. Attention layers (ViTs, hybrids) work on
 (tokens, channels) tensors, where NHWC buys nothing and each conversion costs a copy.
