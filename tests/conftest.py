@@ -14,7 +14,8 @@ from kd.launch.configs import CONF_DIR, register_models
 
 ROOT = Path(__file__).resolve().parents[1]
 # Short digits recipes: enough to exercise every code path in seconds, not to reach good accuracy.
-FAST = ["teacher.pretrain.epochs=3", "student.pretrain.epochs=2", "trainer.max_epochs=2"]
+# Short runs; the deployed student's speed (seconds of timing per run) is measured in tests/test_student_speed.py.
+FAST = ["teacher.pretrain.epochs=3", "student.pretrain.epochs=2", "trainer.max_epochs=2", "student.measure_speed=false"]
 
 register_models()
 
@@ -35,7 +36,14 @@ def make_cfg(tmp_path, cache_dir) -> Callable[..., DictConfig]:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
             return compose(
                 "config",
-                overrides=[f"paths.output_dir={tmp_path / 'out'}", f"paths.cache_dir={cache_dir}", *overrides],
+                # student.measure_speed: seconds of timing per run, tested on its own (tests/test_student_speed.py);
+                # a later override wins.
+                overrides=[
+                    f"paths.output_dir={tmp_path / 'out'}",
+                    f"paths.cache_dir={cache_dir}",
+                    "student.measure_speed=false",
+                    *overrides,
+                ],
                 return_hydra_config=True,
             )
 

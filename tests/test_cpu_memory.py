@@ -19,16 +19,15 @@ from kd.training.cpu_memory import KeepCpuMemory
 STEPS = textwrap.dedent(
     """
     import resource, sys
-    import lightning as L, torch
-    from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
-    from kd.launch.configs import CONF_DIR, register_models
+    import torch
 
-    if sys.argv[1] == "callback":
-        register_models()
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            cfg = compose("config")
-        callback = instantiate(cfg.callbacks.cpu_memory)
+    if sys.argv[1] == "callback":  # the callback as the default config has it, in a real Trainer on the CPU
+        import lightning as L
+        from hydra.utils import instantiate
+        from omegaconf import OmegaConf
+        from kd.io import CONF_DIR
+
+        callback = instantiate(OmegaConf.load(CONF_DIR / "callbacks" / "default.yaml").cpu_memory)
         callback.setup(L.Trainer(accelerator="cpu", logger=False), None, "fit")
 
     def step():

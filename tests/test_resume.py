@@ -59,9 +59,10 @@ def start_and_kill(folder, cache_dir, kill_after_step: int, run: list[str] = RUN
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("memory_format", ["student.channels_last=true", "student.channels_last=false"])
+# The default format with the default loggers (csv and offline wandb, whose run resumes too); NCHW with csv alone.
+@pytest.mark.parametrize("memory_format", ["student.channels_last=true", "student.channels_last=false logger=csv"])
 def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_and_metrics(tmp_path, cache_dir, memory_format):
-    run = [*RUN, memory_format]  # the student's NHWC and NCHW formats both resume exactly
+    run = [*RUN, *memory_format.split()]  # the student's NHWC and NCHW formats both resume exactly
     # Seeded (KD_RESUME_KILL_SEED to try another step), logged, and named by every failing assert below.
     seed = int(os.environ.get("KD_RESUME_KILL_SEED", "0"))
     kill_after = random.Random(seed).choice([s for s in range(3, TOTAL_STEPS - 8) if s % 22])  # not at an epoch end

@@ -47,7 +47,7 @@ def test_a_distillation_run_records_its_students_speed_unless_told_not_to(make_c
         "sched.warmup_epochs=0",
         "logger=none",
     ]
-    fit(make_cfg(*run), task="distill")
+    fit(make_cfg(*run, "student.measure_speed=true"), task="distill")
     speed = json.loads((tmp_path / "out" / "results.json").read_text())["student_speed"]
     assert speed["input_size"] == [1, 8, 8] and speed["parameters"] > 0 and speed["flops_per_image"] > 0
     assert speed["eager"]["batch1_ms_per_image"] > 0
