@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
             "kd_overrides": args.kd_override,
         },
         "images_per_s": median,
-        "kd_vs_torchdistill": statistics.median(paired),
+        "kd_vs_torchdistill": round(statistics.median(paired), 3),
         "kd_vs_torchdistill_per_round": paired,
         "runs": runs,
     }

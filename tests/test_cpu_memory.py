@@ -70,7 +70,7 @@ def test_a_gpu_run_leaves_malloc_alone(monkeypatch):
     assert calls == [256 * 2**20]
 
 
-@pytest.mark.parametrize("threshold_mb", [0, 4096])
+@pytest.mark.parametrize("threshold_mb", [0, 4096, 512.5, "1g", True])
 def test_a_threshold_mallopt_cannot_take_is_refused(threshold_mb):
-    with pytest.raises(KdError, match="between 1 and 2047"):
+    with pytest.raises(KdError, match="whole number of MiB from 1 to 2047"):
         KeepCpuMemory(threshold_mb=threshold_mb)

@@ -164,8 +164,12 @@ def test_export_round_trips_every_format(distilled, cache_dir, tmp_path):
     import onnxruntime
 
     weights = distilled / "student.safetensors"
-    cfg = compose_cfg(tmp_path, cache_dir, "task=export", f"student.weights={weights}")
-    files = {fmt: Path(path) for fmt, path in export(cfg)["files"].items()}
+    # The deployed student's speed, eager and through ONNX Runtime on the exported file.
+    cfg = compose_cfg(tmp_path, cache_dir, "task=export", f"student.weights={weights}", "student.measure_speed=true")
+    results = export(cfg)
+    assert results["student_speed"]["onnx"]["batch1_ms_per_image"] > 0
+    assert results["student_speed"]["eager"]["batch64_images_per_s"] > 0
+    files = {fmt: Path(path) for fmt, path in results["files"].items()}
     assert set(files) == {"safetensors", "onnx", "torchscript", "card"}
     assert files["card"].read_text() == (distilled / "student.json").read_text()
 

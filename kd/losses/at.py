@@ -36,10 +36,11 @@ class AttentionTransfer(StagePairLoss):
         ce_weight: float = 1.0,
         label_smoothing: float = 0.0,
     ) -> None:
-        super().__init__(ce_weight, label_smoothing, student_stages, teacher_stages)
-        if p <= 0:
+        if p <= 0:  # the loss's own settings are checked first, then the label term's
             raise KdError(f"loss.p={p} must be positive; attention transfer uses 2")
-        self.beta = check_weight("beta", beta)
+        beta = check_weight("beta", beta)
+        super().__init__(ce_weight, label_smoothing, student_stages, teacher_stages)
+        self.beta = beta
         self.p = p
 
     def feature_terms(self, pairs):

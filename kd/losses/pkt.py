@@ -29,8 +29,9 @@ class ProbabilisticKnowledgeTransfer(StagePairLoss):
     name = "pkt"
 
     def __init__(self, weight: float = 30000.0, ce_weight: float = 1.0, label_smoothing: float = 0.0) -> None:
+        weight = check_weight("weight", weight)  # the loss's own setting is checked first, then the label term's
         super().__init__(ce_weight, label_smoothing, last_stage_only=True)
-        self.weight = check_weight("weight", weight)
+        self.weight = weight
 
     def feature_terms(self, pairs):
         [(student_map, teacher_map)] = pairs

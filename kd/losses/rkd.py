@@ -45,9 +45,12 @@ class RelationalKD(StagePairLoss):
         ce_weight: float = 1.0,
         label_smoothing: float = 0.0,
     ) -> None:
+        # The loss's own settings are checked first, then the label term's.
+        distance_weight = check_weight("distance_weight", distance_weight)
+        angle_weight = check_weight("angle_weight", angle_weight)
         super().__init__(ce_weight, label_smoothing, last_stage_only=True)
-        self.distance_weight = check_weight("distance_weight", distance_weight)
-        self.angle_weight = check_weight("angle_weight", angle_weight)
+        self.distance_weight = distance_weight
+        self.angle_weight = angle_weight
 
     def feature_terms(self, pairs):
         [(student_map, teacher_map)] = pairs

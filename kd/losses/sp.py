@@ -35,8 +35,9 @@ class SimilarityPreserving(StagePairLoss):
         ce_weight: float = 1.0,
         label_smoothing: float = 0.0,
     ) -> None:
+        gamma = check_weight("gamma", gamma)  # the loss's own setting is checked first, then the label term's
         super().__init__(ce_weight, label_smoothing, student_stages, teacher_stages)
-        self.gamma = check_weight("gamma", gamma)
+        self.gamma = gamma
 
     def feature_terms(self, pairs):
         total = 0

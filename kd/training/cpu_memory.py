@@ -46,9 +46,11 @@ class KeepCpuMemory(L.Callback):
     does nothing (PyTorch's CUDA allocator already caches). Remove it with ``~callbacks.cpu_memory``."""
 
     def __init__(self, threshold_mb: int = 1024) -> None:
-        if not 1 <= threshold_mb <= 2047:  # mallopt takes an int of bytes
+        whole = isinstance(threshold_mb, int) and not isinstance(threshold_mb, bool)
+        if not whole or not 1 <= threshold_mb <= 2047:  # mallopt takes an int of bytes
             raise KdError(
-                f"callbacks.cpu_memory.threshold_mb={threshold_mb} is out of range; give a size between 1 and 2047"
+                f"callbacks.cpu_memory.threshold_mb={threshold_mb!r} is not a whole number of MiB from 1 to 2047; "
+                "give one such as 1024"
             )
         self.threshold_mb = threshold_mb
 
@@ -57,3 +59,5 @@ class KeepCpuMemory(L.Callback):
             return
         if keep_freed_cpu_memory(self.threshold_mb * 2**20):
             log.debug("glibc keeps freed blocks up to %d MiB for the next step", self.threshold_mb)
+        else:
+            log.debug("callbacks.cpu_memory: this C library took no malloc setting; its default stays")
