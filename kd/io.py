@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # conf/: one Hydra group per choice
+MODEL_ROLES = ("teacher", "student")  # both offered from conf/model/ (kd.launch.configs.register_models)
 
 
 def current_umask() -> int:

@@ -20,10 +20,9 @@ from hydra.core.override_parser.types import ValueType
 from hydra.errors import HydraException
 
 from kd.errors import KdError
-from kd.launch.configs import CONF_DIR
+from kd.io import CONF_DIR, MODEL_ROLES
 from kd.launch.model_names import check_model_overrides, unknown_model
 
-MODEL_ROLES = ("teacher", "student")  # both offered from conf/model/ (kd.launch.configs.register_models)
 OUTPUT_FOLDERS = ("hydra.run.dir", "hydra.sweep.dir")
 
 

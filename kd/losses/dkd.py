@@ -24,6 +24,12 @@ def target_and_rest(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     return torch.stack([log_target, log_rest], dim=1), F.log_softmax(others, dim=1)
 
 
+def warmup_weight(epoch: int, warmup_epochs: int) -> float:
+    """``min((epoch + 1) / warmup_epochs, 1)``, mdistiller's linear warmup of a term (epochs counted from 1);
+    1 throughout when ``warmup_epochs`` is 0."""
+    return 1.0 if warmup_epochs == 0 else min((epoch + 1) / warmup_epochs, 1.0)
+
+
 class DecoupledKD(DistillationLoss):
     """Decoupled KD (Zhao et al., CVPR 2022): KD split into a target-class term and a non-target term,
     ``ce_weight * CE + w(epoch) * T^2 * (alpha * TCKD + beta * NCKD)``.
@@ -60,14 +66,11 @@ class DecoupledKD(DistillationLoss):
         self.temperature = temperature
         self.warmup_epochs = warmup_epochs
         self.label_smoothing = check_label_smoothing(label_smoothing)
-        self.kd_weight = self.warmup_weight(0)
+        self.kd_weight = warmup_weight(0, warmup_epochs)
         self.logit_standardization = check_standardization(logit_standardization)
 
-    def warmup_weight(self, epoch: int) -> float:
-        return 1.0 if self.warmup_epochs == 0 else min((epoch + 1) / self.warmup_epochs, 1.0)
-
     def start_epoch(self, epoch: int) -> None:
-        self.kd_weight = self.warmup_weight(epoch)
+        self.kd_weight = warmup_weight(epoch, self.warmup_epochs)
 
     def terms(self, student_logits, teacher_logits, target):
         t = self.temperature

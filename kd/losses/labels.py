@@ -27,14 +27,6 @@ def check_weight(name: str, value: float) -> float:
     return value
 
 
-def known_share(target: torch.Tensor) -> torch.Tensor:
-    """Per image, the share of its label that is known: 0 or 1 for class indices (-1: none), the row sum of a
-    mixed (soft) label."""
-    if target.ndim == 2:
-        return target.float().sum(dim=1).clamp(0.0, 1.0)
-    return (target >= 0).float()
-
-
 def masked_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """The mean of ``values`` (N,) weighted by ``weights`` (N,); 0 (not NaN) when every weight is 0."""
     return (values * weights).sum() / weights.sum().clamp_min(1e-12)

@@ -7,10 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from kd.errors import KdError
-from kd.losses.base import DistillationLoss, Features, FeatureStages
+from kd.losses.dkd import warmup_weight
 from kd.losses.fitnet import match_size
-from kd.losses.labels import check_label_smoothing, check_weight, label_cross_entropy
-from kd.losses.stages import UNBOUND, check_bound, stage_pairs
+from kd.losses.labels import check_weight
+from kd.losses.stages import StagePairLoss
 
 #: The pyramid of HCL: besides the full map, average pools to 4x4, 2x2 and 1x1 (each only when smaller than the map).
 HCL_LEVELS = (4, 2, 1)
@@ -55,7 +55,7 @@ class AttentionFusion(nn.Module):
         return self.output(x), x
 
 
-class ReviewKD(DistillationLoss):
+class ReviewKD(StagePairLoss):
     """Knowledge review (Chen et al., CVPR 2021), as mdistiller runs it on CIFAR-100:
     ``ce_weight * CE + w(epoch) * review_weight * sum over levels i of HCL(ABF_i(F_s^i, fused_{i+1}), F_t^i)``.
 
@@ -69,6 +69,9 @@ class ReviewKD(DistillationLoss):
     after the activation (mdistiller's CIFAR default, ``STU_PREACT: False``).
     """
 
+    name = "reviewkd"
+    float32_terms = False  # the fusion modules train, under the run's autocast; HCL itself is taken in float32
+
     def __init__(
         self,
         review_weight: float = 1.0,
@@ -80,28 +83,25 @@ class ReviewKD(DistillationLoss):
         ce_weight: float = 1.0,
         label_smoothing: float = 0.0,
     ) -> None:
-        super().__init__()
         if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
             raise KdError(f"loss.warmup_epochs={warmup_epochs!r} must be a whole number >= 0 (0: no warmup)")
         if isinstance(max_mid_channels, bool) or not isinstance(max_mid_channels, int) or max_mid_channels < 1:
             raise KdError(f"loss.max_mid_channels={max_mid_channels!r} must be a whole number >= 1; ReviewKD uses 512")
         if not isinstance(pooled, bool):
             raise KdError(f"loss.pooled={pooled!r} must be true or false (true: add the 1x1 pooled level)")
-        self.review_weight = check_weight("review_weight", review_weight)
+        review_weight = check_weight("review_weight", review_weight)
+        super().__init__(ce_weight, label_smoothing, student_stages, teacher_stages)
+        self.review_weight = review_weight
         self.warmup_epochs = warmup_epochs
         self.max_mid_channels = max_mid_channels
         self.pooled = pooled
-        self.ce_weight = check_weight("ce_weight", ce_weight)
-        self.label_smoothing = check_label_smoothing(label_smoothing)
-        self.requested = (student_stages, teacher_stages)
-        self.stages: FeatureStages | None = None
         self.fusions: nn.ModuleList | None = None
-        self.epoch = 0
+        self.review_scale = warmup_weight(0, warmup_epochs)
 
     def bind(self, student, teacher) -> None:
-        if teacher is None:
+        super().bind(student, teacher)
+        if self.stages is None:
             return  # label-only tasks refuse this loss anyway (it uses the teacher)
-        self.stages = FeatureStages(*stage_pairs(student, teacher, *self.requested, "reviewkd"))
         student_info, teacher_info = student.feature_info(), teacher.feature_info()
         channels_in = [student_info[s]["num_chs"] for s in self.stages.student]
         channels_out = [teacher_info[t]["num_chs"] for t in self.stages.teacher]
@@ -115,34 +115,24 @@ class ReviewKD(DistillationLoss):
             for i, (c_in, c_out) in enumerate(zip(channels_in, channels_out, strict=True))
         )
 
-    def feature_stages(self) -> FeatureStages:
-        return self.stages or UNBOUND
-
-    def warmup_weight(self, epoch: int) -> float:
-        return 1.0 if self.warmup_epochs == 0 else min((epoch + 1) / self.warmup_epochs, 1.0)
-
     def start_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+        self.review_scale = warmup_weight(epoch, self.warmup_epochs)
 
-    def levels(self, features: Features) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def levels(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """The student's and the teacher's maps of every level, shallow to deep (the pooled one last)."""
-        student = [features.student[s].float() for s in self.stages.student]
-        teacher = [features.teacher[t].float() for t in self.stages.teacher]
+        student = [student_map.float() for student_map, _ in pairs]
+        teacher = [teacher_map.float() for _, teacher_map in pairs]
         if self.pooled:
             student.append(student[-1].mean(dim=(2, 3), keepdim=True))
             teacher.append(teacher[-1].mean(dim=(2, 3), keepdim=True))
         return student, teacher
 
-    def compute_terms(self, student_logits, teacher_logits, target, features: Features):
-        check_bound("reviewkd", self.stages is not None and self.fusions is not None)
-        student, teacher = self.levels(features)
-        total = student_logits.new_zeros((), dtype=torch.float32)
+    def feature_terms(self, pairs):
+        student, teacher = self.levels(pairs)
+        total = student[0].new_zeros((), dtype=torch.float32)
         deeper = None
         for i in reversed(range(len(student))):
             output, deeper = self.fusions[i](student[i], deeper)
             output, teacher_map = match_size(output.float(), teacher[i])
             total = total + hierarchical_context_loss(output, teacher_map)
-        terms = {"reviewkd": self.warmup_weight(self.epoch) * self.review_weight * total}
-        if self.ce_weight > 0:
-            terms["ce"] = self.ce_weight * label_cross_entropy(student_logits, target, self.label_smoothing)
-        return terms
+        return {"reviewkd": self.review_scale * self.review_weight * total}

@@ -5,6 +5,7 @@ student are compared with which of the teacher, checked against the models befor
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextlib import nullcontext
 
 import torch
 
@@ -88,13 +89,15 @@ def check_bound(loss_name: str, bound: bool) -> None:
 class StagePairLoss(DistillationLoss):
     """A loss on (student stage, teacher stage) feature maps plus the label cross-entropy (``ce_weight``, 0: off).
 
-    What AT, SP, PKT and RKD share: the stages are chosen in ``bind`` against the two models (``stage_pairs`` of
-    the requested ones, or with ``last_stage_only`` the last stage of each), and the feature terms are computed
-    in float32 under any autocast. A subclass names itself (``name``, as in ``loss=NAME``) and implements
+    What AT, SP, PKT, RKD and ReviewKD share: the stages are chosen in ``bind`` against the two models
+    (``stage_pairs`` of the requested ones, or with ``last_stage_only`` the last stage of each), and the feature
+    terms are computed in float32 under any autocast (``float32_terms``; a loss with trainable parts that should
+    run under autocast turns it off). A subclass names itself (``name``, as in ``loss=NAME``) and implements
     ``feature_terms``.
     """
 
     name: str
+    float32_terms = True
 
     def __init__(
         self,
@@ -131,7 +134,7 @@ class StagePairLoss(DistillationLoss):
         check_bound(self.name, self.stages is not None)
         stage_pairs_of_batch = zip(self.stages.student, self.stages.teacher, strict=True)
         pairs = [(features.student[s], features.teacher[t]) for s, t in stage_pairs_of_batch]
-        with full_precision(student_logits):
+        with full_precision(student_logits) if self.float32_terms else nullcontext():
             terms = self.feature_terms(pairs)
         if self.ce_weight > 0:
             terms["ce"] = self.ce_weight * label_cross_entropy(student_logits, target, self.label_smoothing)

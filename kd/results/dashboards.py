@@ -18,6 +18,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from kd.io import MODEL_ROLES
+
 if TYPE_CHECKING:
     from lightning.pytorch.loggers import WandbLogger
 
@@ -163,6 +165,3 @@ def add_model_tags(loggers: list, cfg: Any) -> None:
         if isinstance(logger, WandbLogger):
             current = list(logger._wandb_init.get("tags") or [])
             logger._wandb_init["tags"] = current + [tag[:64] for tag in tags if tag[:64] not in current]
-
-
-MODEL_ROLES = ("teacher", "student")
