@@ -70,7 +70,6 @@ class ClassificationData(L.LightningDataModule):
                     "data.labeled_fraction below 1, or set data.unlabeled_ratio=null"
                 )
             self.unlabeled_per_batch = unlabeled_per_batch(unlabeled_ratio, batch_size)
-        self.labeled_set: Dataset | None = None
 
     def add_unlabeled(self, view: Callable | None) -> None:
         """Makes ``train_set`` (the labeled training split the subclass built) a ``TrainingSet`` when there are
@@ -87,7 +86,6 @@ class ClassificationData(L.LightningDataModule):
             if view is None:
                 raise KdError(f"data.unlabeled is not supported by {type(self).__name__}; set it to null")
             parts.append(UnlabeledFolder(self.unlabeled, view, self.bad_images))
-        self.labeled_set = labeled
         if parts:
             self.train_set = TrainingSet(labeled, parts)
 

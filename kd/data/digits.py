@@ -74,7 +74,6 @@ class DigitsData(ClassificationData):
     ) -> None:
         super().__init__(batch_size, num_workers, eval_batch_size, split_seed=split_seed, **unlabeled)
         self.val_fraction = val_fraction
-        self.split_seed = split_seed
         self.max_shift = max_shift
         self.class_names = [str(d) for d in range(10)]
 

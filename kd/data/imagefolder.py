@@ -8,6 +8,7 @@ decode), and when a file fails to decode during the run (a truncated JPEG passes
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -223,4 +224,7 @@ class ImageFolderData(ClassificationData):
         own = (image_size, interpolation, float(crop_pct))
         if own == (self.image_size or 224, self.interpolation, float(self.crop_pct)):
             return None
-        return self.split("val", eval_view(*own))
+        own_set = copy.copy(self.val_set)  # the same checked samples (the folder is not walked again), another view
+        own_set.transform = eval_view(*own)
+        own_set.skipped = dict(self.val_set.skipped)  # its own record of files skipped while loading
+        return own_set

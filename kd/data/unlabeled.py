@@ -300,8 +300,8 @@ class RatioSampler(ResumableSampler):
 def check_labels_reach_loss(data: Any, loss: Any) -> None:
     """Refuses a label-only loss (``loss=ce``) when no training batch holds a labeled image
     (``data.unlabeled_ratio=1``), and logs how many labeled and unlabeled images the run trains on."""
-    labeled = 0 if getattr(data, "ratio_mode", lambda: False)() and data.unlabeled_per_batch == data.batch_size else 1
-    if not loss.uses_teacher and labeled == 0:
+    unlabeled_only = getattr(data, "ratio_mode", lambda: False)() and data.unlabeled_per_batch == data.batch_size
+    if not loss.uses_teacher and unlabeled_only:
         raise KdError(
             f"loss {type(loss).__name__} learns from labels only, but data.unlabeled_ratio=1 trains on unlabeled "
             "images only; choose a distillation loss (e.g. loss=soft_ce) or a ratio below 1"

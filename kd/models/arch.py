@@ -250,9 +250,8 @@ class TorchvisionArch:
         return last_linear_prefix(net)
 
     def weight_names(self) -> list[str]:
-        enum = self._weights_enum()
-        default = self.tag or enum.DEFAULT.name
-        return sorted((w.name for w in enum), key=lambda name: name != default)
+        default = self.default_weights()
+        return sorted((w.name for w in self._weights_enum()), key=lambda name: name != default)
 
     def pretrained_state(self, name: str) -> tuple[dict[str, torch.Tensor], Preprocessing]:
         enum = self._weights_enum()

@@ -131,9 +131,8 @@ def check_ensemble_loss(teacher_cfg, loss) -> None:
 def fingerprint_record(teacher) -> dict:
     """``{"start", "end"}`` of the run's teacher (frozen, cached or ensemble), and every member's for an ensemble;
     ``check_unchanged`` raises if any changed."""
-    end = teacher.check_unchanged()
-    record = {"start": teacher.start_fingerprint, "end": end}
     inner = getattr(teacher, "teacher", teacher)  # a CachedTeacher wraps the frozen one
-    if isinstance(inner, EnsembleTeacher):
-        record["members"] = inner.end_fingerprints()
-    return record
+    if isinstance(inner, EnsembleTeacher):  # each member hashed once: its end fingerprint is the check
+        members = inner.end_fingerprints()
+        return {"start": teacher.start_fingerprint, "end": inner.start_fingerprint, "members": members}
+    return {"start": teacher.start_fingerprint, "end": teacher.check_unchanged()}

@@ -14,12 +14,12 @@ from omegaconf import DictConfig
 
 from kd.models.arch import PRETRAINED
 from kd.models.members import is_ensemble, member_configs
-from kd.weights.sources import resolve
+from kd.weights.sources import WeightSource, resolve
 
 
-def weights_name(model_cfg: DictConfig, arch: Any) -> str:
-    """What ``weights=`` loads, by name: the tag ``pretrained`` stands for, a file, auto or none."""
-    source = resolve(model_cfg.get("weights"))
+def weights_name(source: WeightSource, arch: Any) -> str:
+    """What ``weights=`` loads (its resolved ``source``), by name: the tag ``pretrained`` stands for, a file,
+    auto or none."""
     if source.kind in ("none", "auto"):
         return source.kind
     if source.value == PRETRAINED and hasattr(arch, "default_weights"):
@@ -40,9 +40,10 @@ def model_record(model_cfg: DictConfig | None) -> dict[str, Any] | None:
             "members": members,
         }
     arch = instantiate(model_cfg.arch)
-    weights = weights_name(model_cfg, arch)
+    source = resolve(model_cfg.get("weights"))
+    weights = weights_name(source, arch)
     # The name a reader knows the model by: the timm tag or torchvision weights when published ones are loaded.
-    published = resolve(model_cfg.get("weights")).kind == "published"
+    published = source.kind == "published"
     name = weights if published and arch.backend == "timm" else arch.id
     if arch.backend == "kd" and model_cfg.get("name") not in (None, "custom"):
         name = str(model_cfg.name)  # kd's own zoo networks (resnet8, digits_teacher) are known by their entry
