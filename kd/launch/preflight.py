@@ -55,17 +55,17 @@ def unknown_option_message(group: str, value: str, options: list[str]) -> str:
     if not close:  # nothing alike as a whole: the options that start as it does
         close = [option for option in options if option[:3] == value[:3]][:4]
     hint = f"closest: {', '.join(close)}; " if close else ""
-    where = "python -m kd.zoo" if group in MODEL_ROLES else f"ls {folder}/"
-    return f"{group}={value} is unknown; {hint}see all {len(options)} options with {where}"
+    return f"{group}={value} is unknown; {hint}see all {len(options)} options with ls {folder}/"
 
 
 def check_group_choice(group: str, values: list[str]) -> None:
     options = group_options(group)
     for value in values:
-        if value not in options and value != "null" and group in MODEL_ROLES:
+        if value in options or value == "null":
+            continue
+        if group in MODEL_ROLES:  # a model may be named by timm or torchvision too: kd.launch.model_names says how
             raise unknown_model(group, value)
-        if value not in options and value != "null":
-            raise KdError(unknown_option_message(group, value, options))
+        raise KdError(unknown_option_message(group, value, options))
 
 
 def option_names(value: object) -> list[str]:
