@@ -1,8 +1,8 @@
 """kd's PaddleClas mapping against a file real PaddlePaddle wrote, with no PaddlePaddle in CI.
 
-tests/test_paddle.py checks the mapping on files written by tests/paddle_export.py, kd's own inverse of it, so a
+tests/weights/test_paddle.py checks the mapping on files written by tests/paddle_export.py, kd's own inverse of it, so a
 wrong idea of PaddleClas's layout would pass there. Here the weights and the logits come from PaddleClas's own
-ResNet50_vd and ``paddle.save`` (tests/data/make_paddle_fixture.py, run once with PaddlePaddle installed).
+ResNet50_vd and ``paddle.save`` (tests/fixtures/make_paddle_fixture.py, run once with PaddlePaddle installed).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from kd.teachers.build import build_teacher_model
 from kd.weights.paddle import PADDLECLAS_PREPROCESSING
 from tests.conftest import ROOT
 
-DATA = ROOT / "tests" / "data"
+DATA = ROOT / "tests" / "fixtures"
 # PaddleClas's ImageNet normalization, as the generator applied it before its forward.
 MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)

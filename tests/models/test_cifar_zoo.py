@@ -15,11 +15,11 @@ from kd.students.build import build_student
 from kd.teachers.build import build_teacher_model
 from kd.zoo import describe
 
-REFERENCE = json.loads((Path(__file__).parent / "data" / "cifar_zoo_reference.json").read_text())
+REFERENCE = json.loads((Path(__file__).parents[1] / "fixtures" / "cifar_zoo_reference.json").read_text())
 
 # Parameters at 100 classes, measured by building the reference networks (HobbitLong/RepDistiller models/,
 # the same definitions as mdistiller's models/cifar) from a fetched mirror in a scratch folder outside this
-# repository and summing p.numel() over net.parameters(); tests/data/cifar_zoo_reference.json holds the same
+# repository and summing p.numel() over net.parameters(); tests/fixtures/cifar_zoo_reference.json holds the same
 # numbers with the key names and shapes. CRD's paper rounds them: 0.70M, 2.26M (2.25M), 0.57M, 3.96M, 9.46M,
 # 0.81M, 0.95M, 1.35M, 1.23M, 7.43M.
 REFERENCE_PARAMS = {

@@ -51,7 +51,7 @@ def test_data_options_instantiate(make_cfg, tmp_path, option):
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("role", ["teacher", "student"])
 def test_model_options_compose(make_cfg, role, name):
-    """Every zoo model composes in both roles; tests/test_zoo.py builds and runs each one."""
+    """Every zoo model composes in both roles; tests/models/test_zoo.py builds and runs each one."""
     cfg = make_cfg(f"{role}={name}")
     arch = instantiate(cfg[role].arch)
     assert arch.preprocessing().in_chans in (1, 3)
