@@ -64,6 +64,10 @@ class DistillationLoss(nn.Module):
         """Called once by the module before training, with the models this loss will compare (the teacher is
         a ``kd.teachers.FrozenTeacher``: ``forward_with_features`` and ``feature_info`` like a Classifier)."""
 
+    def check_networks(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        """Called before any work (nothing trained or loaded yet) with the bare networks, possibly built on the meta
+        device (shapes, no values; ``teacher`` None when unknown): refuse here what ``bind`` would refuse later."""
+
     def bind_data(self, num_samples: int) -> None:
         """Called by the module when fitting starts (before a checkpoint is restored and before the optimizer is
         built), with the number of images in the training set: the range of ``Features.indices``."""

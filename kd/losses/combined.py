@@ -40,6 +40,10 @@ class WeightedSum(DistillationLoss):
         for loss in self.losses.values():
             loss.bind(student, teacher)
 
+    def check_networks(self, student, teacher) -> None:
+        for loss in self.losses.values():
+            loss.check_networks(student, teacher)
+
     def bind_data(self, num_samples: int) -> None:
         for loss in self.losses.values():
             loss.bind_data(num_samples)

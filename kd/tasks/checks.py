@@ -12,12 +12,15 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from hydra.utils import instantiate
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from kd.data import ClassificationData
 from kd.errors import KdError
 from kd.losses.base import DistillationLoss
+from kd.models.members import is_ensemble
 from kd.teachers.ensemble import check_ensemble_loss
 from kd.teachers.fill import check_teacher_cache
 from kd.training.steps import planned_steps
@@ -101,6 +104,27 @@ def check_weights_given(cfg: DictConfig, loss: DistillationLoss) -> None:
             )
 
 
+def bare_network(model_cfg: DictConfig | None, num_classes: int) -> nn.Module | None:
+    """The network of ``model_cfg`` without its weights, on the meta device where it builds there (no memory, no
+    values: names and shapes only); None for an ensemble or no model."""
+    if model_cfg is None or model_cfg.get("arch") is None or is_ensemble(model_cfg):
+        return None
+    arch = instantiate(model_cfg.arch)
+    try:
+        with torch.device("meta"):
+            return arch.build(num_classes)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):  # a builder that reads values (.item())
+        return arch.build(num_classes)
+
+
+def check_loss_networks(cfg: DictConfig, loss: DistillationLoss, num_classes: int) -> None:
+    """What a loss asks of the networks themselves (a distillation head, named layers), before any weights load."""
+    if type(loss).check_networks is DistillationLoss.check_networks:
+        return
+    teacher = bare_network(cfg.get("teacher"), num_classes) if loss.uses_teacher else None
+    loss.check_networks(bare_network(cfg.student, num_classes), teacher)
+
+
 def check_before_work(
     cfg: DictConfig,
     data: ClassificationData,
@@ -111,6 +135,7 @@ def check_before_work(
     check_schedule_numbers(cfg)
     check_weights_given(cfg, loss)
     check_loss_gives_gradient(loss, cfg.loss, data.num_classes)
+    check_loss_networks(cfg, loss, data.num_classes)
     check_teacher_cache(cfg, loss)  # the cache's own refusals, beside the cache (kd.teachers.fill)
     check_ensemble_loss(cfg.get("teacher"), loss)
     check_run_length(trainer, data, scheduler)

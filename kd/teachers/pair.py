@@ -15,7 +15,11 @@ from kd.teachers.ensemble import EnsembleTeacher
 from kd.teachers.frozen import FrozenTeacher
 
 
-def check_same_classes(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None) -> None:
+def check_same_classes(
+    student_logits: torch.Tensor | tuple[torch.Tensor, ...], teacher_logits: torch.Tensor | None
+) -> None:
+    if isinstance(student_logits, tuple | list):  # a distilled student's (class head, distillation head)
+        student_logits = student_logits[0]
     if teacher_logits is not None and teacher_logits.shape[-1] != student_logits.shape[-1]:
         raise KdError(
             f"the teacher predicts {teacher_logits.shape[-1]} classes but the student {student_logits.shape[-1]}; "

@@ -439,3 +439,31 @@ def test_a_worker_error_stays_one_line(tmp_path):
         next(iter(data.train_dataloader()))
     assert str(refused.value).startswith(f"image file {root}/train/cat/0.jpg cannot be decoded")
     assert "\n" not in str(refused.value)
+
+
+# ---------------------------------------------------------------- loss=deit, loss=hard_kd
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["loss=deit", "loss.distill_type=medium"], "loss.distill_type=medium is unknown; use hard"),
+        (["loss=deit", "loss.temperature=0"], "loss.temperature=0 must be positive"),
+        (["loss=deit", "loss.class_weight=-1"], "loss.class_weight=-1 must not be negative"),
+        (["loss=deit", "loss.distill_weight=-0.5"], "loss.distill_weight=-0.5 must not be negative"),
+        (["loss=deit", "loss.label_smoothing=1.5"], "loss.label_smoothing=1.5 must lie in [0, 1)"),
+        (["loss=deit"], "loss=deit trains a student with a distillation head, which ConvNet lacks; choose a timm"),
+        (["loss=hard_kd", "loss.label_smoothing=-0.1"], "loss.label_smoothing=-0.1 must lie in [0, 1)"),
+        (["loss=hard_kd", "loss.ce_weight=-1"], "loss.ce_weight=-1 must not be negative"),
+    ],
+)
+def test_bad_deit_and_hard_kd_settings_stop_before_any_work(make_cfg, tmp_path, overrides, expected):
+    cache = tmp_path / "fresh-cache"
+    cfg = make_cfg(*FAST, f"paths.cache_dir={cache}", *overrides)
+    with pytest.raises(Exception) as raised:
+        fit(cfg, task="distill")
+    refused = user_error(raised.value)
+    assert refused is not None and expected in str(refused) and "\n" not in str(refused), raised.value
+    assert len(str(refused)) < MAX_MESSAGE
+    assert not list(cache.rglob("*")), "the run trained a model before refusing"
+    assert not files_under(tmp_path / "out"), "a refused run wrote into its output folder"
