@@ -10,18 +10,23 @@ if TYPE_CHECKING:
     from kd.models import Classifier
 
 
+def stage_order(key: int | str) -> tuple[bool, int, str]:
+    """Stage indices first, in order, then module names."""
+    return (isinstance(key, str), key if isinstance(key, int) else 0, str(key))
+
+
 @dataclass(frozen=True)
 class FeatureStages:
-    """Which intermediate feature maps a loss reads: stage indices of the student and of the teacher
-    (timm's ``feature_info`` numbering; negative counts from the last stage)."""
+    """Which intermediate feature maps a loss reads, of the student and of the teacher: stage indices (timm's
+    ``feature_info`` numbering; negative counts from the last stage) or module names (``named_modules()``)."""
 
-    student: tuple[int, ...] = ()
-    teacher: tuple[int, ...] = ()
+    student: tuple[int | str, ...] = ()
+    teacher: tuple[int | str, ...] = ()
 
     def __or__(self, other: FeatureStages) -> FeatureStages:
         return FeatureStages(
-            tuple(sorted(set(self.student) | set(other.student))),
-            tuple(sorted(set(self.teacher) | set(other.teacher))),
+            tuple(sorted(set(self.student) | set(other.student), key=stage_order)),
+            tuple(sorted(set(self.teacher) | set(other.teacher), key=stage_order)),
         )
 
     def __bool__(self) -> bool:

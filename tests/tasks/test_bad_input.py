@@ -467,3 +467,42 @@ def test_bad_deit_and_hard_kd_settings_stop_before_any_work(make_cfg, tmp_path, 
     assert len(str(refused)) < MAX_MESSAGE
     assert not list(cache.rglob("*")), "the run trained a model before refusing"
     assert not files_under(tmp_path / "out"), "a refused run wrote into its output folder"
+
+
+# ---------------------------------------------------------------- named layers of the feature losses
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (
+            ["loss=fitnet", "loss.student_layers=[featurs.1]", "loss.teacher_layers=[features.3]"],
+            "loss.student_layers has 'featurs.1', which is no module of the student (ConvNet); did you mean features.1",
+        ),
+        (
+            ["loss=at", "loss.student_layers=[features.1]", "loss.teacher_layers=[feature.3]"],
+            "loss.teacher_layers has 'feature.3', which is no module of the teacher (ConvNet); did you mean features.3",
+        ),
+        (
+            ["loss=at", "loss.student_layers=[features.0,features.1]", "loss.teacher_layers=[features.3]"],
+            "loss=at got 2 student_layers and 1 teacher_layers; give the same number",
+        ),
+        (
+            ["loss=crd", "loss.student_layers=[features.0,features.1]"],
+            "loss=crd got 2 student_layers and 0 teacher_layers; give 1 each",
+        ),
+        (["loss=sp", "loss.student_layers=features.1"], "loss.student_layers='features.1' must be a non-empty list"),
+        (["loss=rkd", "loss.teacher_layers=[]"], "loss.teacher_layers=[] must be a non-empty list of module names"),
+        (["loss=reviewkd", "loss.teacher_layers=[3]"], "loss.teacher_layers=[3] must hold module names (strings)"),
+    ],
+)
+def test_bad_named_layers_stop_before_any_work(make_cfg, tmp_path, overrides, expected):
+    cache = tmp_path / "fresh-cache"
+    cfg = make_cfg(*FAST, f"paths.cache_dir={cache}", *overrides)
+    with pytest.raises(Exception) as raised:
+        fit(cfg, task="distill")
+    refused = user_error(raised.value)
+    assert refused is not None and expected in str(refused) and "\n" not in str(refused), raised.value
+    assert len(str(refused)) < MAX_MESSAGE
+    assert not list(cache.rglob("*")), "the run trained a model before refusing"
+    assert not files_under(tmp_path / "out"), "a refused run wrote into its output folder"
