@@ -9,6 +9,7 @@ from kd.losses.deit import DeiTDistillation
 from kd.losses.dist import DIST
 from kd.losses.dkd import DecoupledKD
 from kd.losses.dml import SymmetricKL
+from kd.losses.feature_kd import FeatureKD
 from kd.losses.fitnet import FitNet
 from kd.losses.hard_kd import HardLabelKD
 from kd.losses.kd import HintonKD
@@ -25,6 +26,7 @@ __all__ = [
     "DecoupledKD",
     "DeiTDistillation",
     "DistillationLoss",
+    "FeatureKD",
     "FeatureStages",
     "Features",
     "FitNet",

@@ -60,6 +60,8 @@ class DistillationLoss(nn.Module):
 
     #: False for label-only losses: the training step then skips the teacher's forward pass.
     uses_teacher: bool = True
+    #: False for losses that read only the teacher's features, which an embedding teacher (no classifier) can teach.
+    uses_teacher_logits: bool = True
 
     def __init__(self) -> None:
         super().__init__()

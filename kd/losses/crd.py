@@ -65,6 +65,8 @@ class ContrastiveRepresentationKD(DistillationLoss):
     process keeps its own memory under DDP (not synchronized).
     """
 
+    uses_teacher_logits = False
+
     def __init__(
         self,
         weight: float = 0.8,

@@ -46,6 +46,8 @@ class FitNet(DistillationLoss):
     never part of the exported student.
     """
 
+    uses_teacher_logits = False
+
     def __init__(
         self,
         student_stage: int = -1,

@@ -223,6 +223,7 @@ class StagePairLoss(DistillationLoss):
 
     name: str
     float32_terms = True
+    uses_teacher_logits = False
 
     def __init__(
         self,

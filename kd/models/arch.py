@@ -67,9 +67,21 @@ class TimmArch:
 
     backend = "timm"
 
-    def __init__(self, model_name: str, in_chans: int = 3, data_config: dict | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        model_name: str,
+        in_chans: int = 3,
+        data_config: dict | None = None,
+        num_classes: int | None = None,
+        **kwargs,
+    ) -> None:
         self.model_name = str(model_name)  # a timm name, with a tag (``convnext_tiny.fb_in1k``), or a hub name
         self.in_chans = in_chans
+        # 0: no classifier, the pooled features are the output (an embedding teacher); None: the dataset's classes.
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                        or num_classes < 0):  # fmt: skip
+            raise KdError(f"arch.num_classes={num_classes!r} must be 0 (features only) or a class count")
+        self.fixed_classes = num_classes
         self.data_config = dict(data_config or {})
         self.kwargs = kwargs
         if not self.is_hub:
@@ -101,7 +113,8 @@ class TimmArch:
 
     def build(self, num_classes: int) -> nn.Module:
         name = self.base_name if self.is_hub else self.model_name
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=self.in_chans, **self.kwargs)
+        classes = num_classes if self.fixed_classes is None else self.fixed_classes
+        return timm.create_model(name, pretrained=False, num_classes=classes, in_chans=self.in_chans, **self.kwargs)
 
     def preprocessing(self, pretrained_cfg: dict | None = None) -> Preprocessing:
         cfg = pretrained_cfg or {**self._pretrained_cfg(), **self.data_config}

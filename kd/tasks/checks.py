@@ -125,6 +125,24 @@ def check_loss_networks(cfg: DictConfig, loss: DistillationLoss, num_classes: in
     loss.check_networks(bare_network(cfg.student, num_classes), teacher)
 
 
+def check_embedding_teacher(cfg: DictConfig, loss: DistillationLoss) -> None:
+    """A teacher built without a classifier (``teacher.arch.num_classes=0``) gives features: no logit loss, no cache."""
+    teacher = cfg.get("teacher")
+    arch = teacher.get("arch") if teacher is not None else None
+    if not loss.uses_teacher or arch is None or is_ensemble(teacher) or arch.get("num_classes", None) != 0:
+        return
+    if loss.uses_teacher_logits:
+        raise KdError(
+            f"loss={cfg.loss._target_.rsplit('.', 1)[-1]} compares class predictions, but teacher.arch.num_classes=0 "
+            "gives features only; use loss=feature_kd (or another feature loss), or give the teacher its classes"
+        )
+    if teacher.get("cache"):
+        raise KdError(
+            "teacher.cache stores a teacher's class scores, but teacher.arch.num_classes=0 gives features; "
+            "leave teacher.cache=null"
+        )
+
+
 def check_before_work(
     cfg: DictConfig,
     data: ClassificationData,
@@ -135,6 +153,7 @@ def check_before_work(
     check_schedule_numbers(cfg)
     check_weights_given(cfg, loss)
     check_loss_gives_gradient(loss, cfg.loss, data.num_classes)
+    check_embedding_teacher(cfg, loss)
     check_loss_networks(cfg, loss, data.num_classes)
     check_teacher_cache(cfg, loss)  # the cache's own refusals, beside the cache (kd.teachers.fill)
     check_ensemble_loss(cfg.get("teacher"), loss)

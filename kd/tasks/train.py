@@ -119,7 +119,7 @@ def fit(cfg: DictConfig, task: str, given: Given | None = None) -> dict:
         extra["ema_decay"] = ema_decay
     if teacher is not None:
         extra["teacher_fingerprint"] = fingerprint_record(teacher)
-        if trainer.is_global_zero:  # each ensemble member, and the teacher on its own view (kd.teachers.views)
+        if trainer.is_global_zero and not module.embedding_teacher:  # each member, the teacher on its own view
             metrics |= teacher_view_metrics(getattr(teacher, "teacher", teacher), data, module.device)
     results = {
         "metrics": metrics,

@@ -46,7 +46,8 @@ def checked_models(
     if teacher is not None and not isinstance(teacher, FrozenTeacher | CachedTeacher | EnsembleTeacher):  # kd's own
         teacher = freeze(as_classifier(teacher))
     classes = output_classes(student)
-    teacher_classes = output_classes(teacher.model) if isinstance(teacher, FrozenTeacher) else None
+    embedding = isinstance(teacher, FrozenTeacher) and teacher.embedding  # features, not classes
+    teacher_classes = output_classes(teacher.model) if isinstance(teacher, FrozenTeacher) and not embedding else None
     if classes and teacher_classes and classes != teacher_classes:
         raise KdError(
             f"the teacher predicts {teacher_classes} classes but the student {classes}; "

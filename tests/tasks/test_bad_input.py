@@ -506,3 +506,39 @@ def test_bad_named_layers_stop_before_any_work(make_cfg, tmp_path, overrides, ex
     assert len(str(refused)) < MAX_MESSAGE
     assert not list(cache.rglob("*")), "the run trained a model before refusing"
     assert not files_under(tmp_path / "out"), "a refused run wrote into its output folder"
+
+
+# ---------------------------------------------------------------- an embedding teacher, loss=feature_kd
+
+EMBEDDING_TEACHER = [
+    "teacher=timm", "teacher.model=vit_tiny_patch16_224", "teacher.weights=none", "+teacher.arch.num_classes=0",
+    "+teacher.arch.img_size=8", "+teacher.arch.patch_size=2", "+teacher.arch.depth=1", "+teacher.arch.embed_dim=16",
+    "+teacher.arch.num_heads=2", "+teacher.arch.data_config={input_size:[3,8,8]}",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["loss=kd"], "loss=HintonKD compares class predictions, but teacher.arch.num_classes=0 gives features only"),
+        (["loss=dkd"], "use loss=feature_kd (or another feature loss)"),
+        (["loss=feature_kd", "teacher.cache=cache"], "leave teacher.cache=null"),
+        (["loss=feature_kd", "loss.distance=l1"], "loss.distance=l1 is unknown; use cosine or mse"),
+        (["loss=feature_kd", "loss.weight=-1"], "loss.weight=-1 must not be negative"),
+        (["loss=feature_kd", "loss.teacher_layers=[block.0]"], "did you mean blocks.0"),
+        (["loss=feature_kd", "+teacher.arch.num_classes=-3"], "arch.num_classes=-3 must be 0 (features only) or a"),
+    ],
+)
+def test_bad_embedding_teacher_settings_stop_before_any_work(make_cfg, tmp_path, overrides, expected):
+    cache = tmp_path / "fresh-cache"
+    teacher = EMBEDDING_TEACHER if "+teacher.arch.num_classes=-3" not in overrides else EMBEDDING_TEACHER[:3]
+    cfg = make_cfg(
+        "student.pretrain.epochs=2", "trainer.max_epochs=2", f"paths.cache_dir={cache}", *teacher, *overrides
+    )
+    with pytest.raises(Exception) as raised:
+        fit(cfg, task="distill")
+    refused = user_error(raised.value)
+    assert refused is not None and expected in str(refused) and "\n" not in str(refused), raised.value
+    assert len(str(refused)) < MAX_MESSAGE
+    assert not list(cache.rglob("*")), "the run trained a model before refusing"
+    assert not files_under(tmp_path / "out"), "a refused run wrote into its output folder"
