@@ -125,6 +125,13 @@ def check_loss_networks(cfg: DictConfig, loss: DistillationLoss, num_classes: in
     loss.check_networks(bare_network(cfg.student, num_classes), teacher)
 
 
+def loss_choice(cfg: DictConfig) -> str:
+    """The loss as the command line named it (``kd``), else its class name."""
+    hydra = cfg.get("hydra") or (HydraConfig.get() if HydraConfig.initialized() else None)
+    choice = hydra.runtime.choices.get("loss") if hydra is not None else None
+    return str(choice) if choice else cfg.loss._target_.rsplit(".", 1)[-1]
+
+
 def check_embedding_teacher(cfg: DictConfig, loss: DistillationLoss) -> None:
     """A teacher built without a classifier (``teacher.arch.num_classes=0``) gives features: no logit loss, no cache."""
     teacher = cfg.get("teacher")
@@ -133,7 +140,7 @@ def check_embedding_teacher(cfg: DictConfig, loss: DistillationLoss) -> None:
         return
     if loss.uses_teacher_logits:
         raise KdError(
-            f"loss={cfg.loss._target_.rsplit('.', 1)[-1]} compares class predictions, but teacher.arch.num_classes=0 "
+            f"loss={loss_choice(cfg)} compares class predictions, but teacher.arch.num_classes=0 "
             "gives features only; use loss=feature_kd (or another feature loss), or give the teacher its classes"
         )
     if teacher.get("cache"):

@@ -520,7 +520,7 @@ EMBEDDING_TEACHER = [
 @pytest.mark.parametrize(
     "overrides, expected",
     [
-        (["loss=kd"], "loss=HintonKD compares class predictions, but teacher.arch.num_classes=0 gives features only"),
+        (["loss=kd"], "loss=kd compares class predictions, but teacher.arch.num_classes=0 gives features only"),
         (["loss=dkd"], "use loss=feature_kd (or another feature loss)"),
         (["loss=feature_kd", "teacher.cache=cache"], "leave teacher.cache=null"),
         (["loss=feature_kd", "loss.distance=l1"], "loss.distance=l1 is unknown; use cosine or mse"),
