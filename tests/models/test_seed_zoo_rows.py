@@ -77,9 +77,8 @@ RELEASED = {
 
 @pytest.mark.parametrize("name", list(RELEASED))
 def test_sizes_equal_the_authors_released_definitions(name):
-    net = meta_net(name)
-    assert (params(net), multiply_adds(net)) == RELEASED[name]
-    assert describe(name).params == RELEASED[name][0]  # what python -m kd.zoo prints
+    entry = describe(name, macs=True)  # what python -m kd.zoo NAME --macs prints
+    assert (entry.params, entry.macs) == RELEASED[name]
 
 
 # ShuffleNet V1, Table 1 ("Complexity (MFLOPs)", FLOPs = multiply-adds in that paper), 1x, g = 1, 2, 3, 4, 8. The

@@ -176,6 +176,16 @@ def test_table_lists_name_backend_id_params_input_and_sources():
     assert cifar.split()[:2] == ["resnet8x4", "kd"] and "1.23" in cifar
 
 
+def test_zoo_cli_prints_the_named_models_with_their_multiply_adds(capsys):
+    from kd.zoo import main
+
+    assert main(["shufflenet_v1_g3", "resnet8x4", "--macs"]) == 0
+    header, _, shufflenet, cifar = capsys.readouterr().out.splitlines()[:4]
+    assert header.split()[:6] == ["name", "backend", "id", "params", "(M)", "GMACs"]
+    assert shufflenet.split()[0] == "shufflenet_v1_g3" and shufflenet.split()[3:5] == ["1.87", "0.137"]
+    assert cifar.split()[0] == "resnet8x4" and re.search(r" 1\.23 +0\.177 +3x32x32 ", cifar)  # at 32 px
+
+
 @pytest.mark.slow
 def test_zoo_cli_prints_json_for_every_model():
     result = subprocess.run(
