@@ -35,7 +35,13 @@ def check_run_length(trainer: L.Trainer, data: ClassificationData, scheduler: Ca
         )
     if scheduler is not None:  # the schedule checks itself (warmup longer than the run) on a stand-in optimizer
         probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-        scheduler(probe, total_steps=total, steps_per_epoch=max(1, per_epoch))
+        kd_log = logging.getLogger("kd")
+        level = kd_log.level
+        kd_log.setLevel(logging.WARNING)  # what the schedule adapts is logged once, when the module builds it
+        try:
+            scheduler(probe, total_steps=total, steps_per_epoch=max(1, per_epoch))
+        finally:
+            kd_log.setLevel(level)
 
 
 def check_schedule_numbers(cfg: DictConfig) -> None:

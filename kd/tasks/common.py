@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
@@ -24,6 +27,7 @@ from kd.tasks.auto_weights import auto_weights
 from kd.teachers.build import build_teacher
 from kd.teachers.frozen import FrozenTeacher
 from kd.training.optim import OptimizerRecipe
+from kd.training.schedule_config import takes
 from kd.weights.sources import ObtainAuto, resolve
 
 log = logging.getLogger("kd")
@@ -88,6 +92,27 @@ def trained_student_of(cfg: DictConfig, data: ClassificationData | None = None) 
         path = auto_weights(cfg, data)(cfg.student, "student")
         student_cfg = OmegaConf.merge(cfg.student, {"weights": str(path)})
     return trained_student(student_cfg, data, lambda: build_data(cfg, cfg.student))
+
+
+def user_set_keys(cfg: DictConfig) -> set[str]:
+    """The config keys the user set (``python run.py KEY=VALUE``, ``kd.distill`` keywords), without a leading
+    ``+``/``~``; what a recipe or a default set is not among them."""
+    overrides = OmegaConf.select(cfg, "hydra.overrides.task")  # a composed config (tests, kd.distill)
+    if overrides is None and HydraConfig.initialized():
+        overrides = HydraConfig.get().overrides.task
+    return {str(override).split("=", 1)[0].lstrip("+~") for override in overrides or []}
+
+
+def schedule_for(cfg: DictConfig) -> Callable[..., Any] | None:
+    """``cfg.sched`` as a factory. Warmup and milestones the user did not set fit themselves to the run's length
+    (``fit_to_run``) instead of refusing it: a recipe's 5 warmup epochs in a 1-epoch smoke test."""
+    if not cfg.get("sched"):
+        return None
+    factory = instantiate(cfg.sched)
+    user_set = user_set_keys(cfg) & {"sched.warmup_epochs", "sched.milestones"}
+    if not user_set and takes(factory, "fit_to_run"):
+        return partial(factory, fit_to_run=True)
+    return factory
 
 
 def optimizer_factory(cfg: DictConfig) -> OptimizerRecipe:

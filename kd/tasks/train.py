@@ -30,6 +30,7 @@ from kd.tasks.common import (
     build_trainer,
     optimizer_factory,
     output_dir,
+    schedule_for,
     validate,
 )
 from kd.tasks.given import Given
@@ -62,7 +63,7 @@ def fit(cfg: DictConfig, task: str, given: Given | None = None) -> dict:
     ema_decay = check_ema_decay(cfg.student.get("ema_decay")) if cfg.student.get("ema", False) else None
     mixup = instantiate(cfg.mixup) if cfg.get("mixup") else None  # checks the batch size before any work
     optimizer = optimizer_factory(cfg)
-    scheduler = instantiate(cfg.sched) if cfg.get("sched") else None
+    scheduler = schedule_for(cfg)
     data = given.data if given.data is not None else build_data(cfg, cfg.student)
     if task == "train" and data.num_unlabeled:  # the honest baseline: labels only, no unlabeled image
         log.info("task=train trains on the %d labeled images alone, not on the %d unlabeled ones", data.num_labeled,
