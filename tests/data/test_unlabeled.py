@@ -15,7 +15,8 @@ from timm.data import Mixup
 from kd.data.digits import DigitsData
 from kd.data.fake import FakeImageData
 from kd.data.mixup import numpy_random_state
-from kd.data.unlabeled import UNLABELED, RatioSampler, TrainingSet
+from kd.data.sampling import RatioSampler
+from kd.data.unlabeled import UNLABELED, TrainingSet
 from kd.errors import KdError
 from kd.launch.run import user_error
 from kd.losses.labels import hard_labels, label_cross_entropy
