@@ -24,6 +24,7 @@ from kd.errors import KdError
 
 log = logging.getLogger("kd")
 
+
 def class_folders(split_dir: Path) -> list[str]:
     if not split_dir.is_dir():
         raise KdError(f"data folder {split_dir} does not exist; set data.root to a folder with train/ and val/")

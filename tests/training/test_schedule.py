@@ -7,10 +7,9 @@ from hydra.utils import instantiate
 
 from kd.errors import KdError
 from kd.module import DistillationModule
-from kd.students.build import build_student
 from kd.tasks.auto_weights import AutoWeights
 from kd.tasks.common import build_data, optimizer_factory
-from kd.teachers.build import build_teacher
+from kd.tasks.models import build_student, build_teacher
 from tests.conftest import FAST
 
 
