@@ -20,9 +20,8 @@ from kd.launch.configs import CONF_DIR
 from kd.models.attention import AttentionModule
 from kd.models.igc import InterleavedGroupConv
 from kd.models.shufflenet_v1 import ShuffleUnit
-from kd.students.build import build_student
+from kd.tasks.models import build_student, build_teacher_model
 from kd.tasks.train import distill
-from kd.teachers.build import build_teacher_model
 from kd.zoo import describe
 
 IGC = ["igc_v1", "igc_v1_l4m32", "igc_v1_l16m16"]
@@ -207,7 +206,7 @@ def test_forward_and_backward_at_64_px_with_every_stage_of_feature_info(name):
 @pytest.mark.parametrize("name", ["igc_v1", "shufflenet_v1_g3", "attention56"])
 def test_pretrained_is_refused_in_one_sentence_and_a_local_file_loads(tmp_path, name):
     with pytest.raises(KdError) as error:
-        build_teacher_model(zoo_cfg(name, "pretrained"), 1000)
+        build_student(zoo_cfg(name, "pretrained"), 1000)  # the teacher's: tests/tasks/test_bad_input.py
     message = str(error.value)
     assert "no published PyTorch weights" in message and "weights=none" in message
     assert len(message) < 300 and message.count(". ") == 0
