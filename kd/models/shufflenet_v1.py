@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kd.errors import KdError
 from kd.models.cifar_shufflenet import channel_shuffle
 from kd.models.cifar_stages import StagedNet, stage_info
 
@@ -61,7 +62,7 @@ class ShuffleNetV1(StagedNet):
     ) -> None:
         super().__init__()
         if groups not in WIDTHS:
-            raise ValueError(f"ShuffleNet V1 has groups {sorted(WIDTHS)} (Table 1), not {groups}")
+            raise KdError(f"ShuffleNet V1 has groups={groups}, not one of Table 1's; use groups 1, 2, 3, 4 or 8")
         widths = [int(width * scale) for width in WIDTHS[groups]]
         self.conv1 = nn.Conv2d(in_chans, STEM, 3, 2, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(STEM)

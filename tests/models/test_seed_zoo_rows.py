@@ -19,7 +19,7 @@ from kd.errors import KdError
 from kd.launch.configs import CONF_DIR
 from kd.models.attention import AttentionModule
 from kd.models.igc import InterleavedGroupConv
-from kd.models.shufflenet_v1 import ShuffleUnit
+from kd.models.shufflenet_v1 import ShuffleNetV1, ShuffleUnit
 from kd.tasks.models import build_student, build_teacher_model
 from kd.tasks.train import distill
 from kd.zoo import describe
@@ -84,6 +84,11 @@ def test_sizes_equal_the_authors_released_definitions(name):
 # paper reports no parameter count for these. Its figures fit the convolutional trunk (within 0.4%); with the
 # 1000-way classifier (0.6 to 1.5 M multiply-adds more) g = 4 would be 1.01% above its 133.
 SHUFFLENET_TABLE_1 = {1: 143e6, 2: 140e6, 3: 137e6, 4: 133e6, 8: 137e6}
+
+
+def test_shufflenet_v1_refuses_a_group_count_table_1_lacks():
+    with pytest.raises(KdError, match="ShuffleNet V1 has groups=5, not one of Table 1's; use groups 1, 2, 3, 4 or 8"):
+        ShuffleNetV1(groups=5)
 
 
 @pytest.mark.parametrize(("groups", "complexity"), SHUFFLENET_TABLE_1.items())
