@@ -87,3 +87,13 @@ def test_every_nav_page_exists() -> None:
     assert pages, "mkdocs.yml has no nav"
     missing = [page for page in pages if not (DOCS / page).is_file()]
     assert not missing, f"mkdocs.yml's nav names pages that docs/ does not have: {missing}"
+
+
+#: A repository file named in the text: a test, a kd module, a config, an example or a benchmark.
+REPO_PATH = re.compile(r"\b(?:tests|kd|conf|examples|benchmarks)/[\w/]+\.(?:py|yaml|md)\b")
+
+
+def test_named_files_exist() -> None:
+    named = {(path.name, found) for path in user_texts() for found in REPO_PATH.findall(path.read_text("utf-8"))}
+    missing = sorted(f"{page}: {found}" for page, found in named if not (ROOT / found).is_file())
+    assert not missing, f"the docs name files the repository does not have: {missing}"
