@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
 
@@ -26,10 +27,22 @@ register_models()
 os.environ["WANDB_MODE"] = "disabled"
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n N: N processes share the cores, each computing on one thread; runs through run.py inherit it.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
-    """One weights=auto cache for the whole session, so the digits models are trained once."""
-    return tmp_path_factory.mktemp("kd-cache")
+    """One weights=auto cache for the whole session, so the digits models are trained once: under pytest-xdist
+    one for all workers (kd's cache takes a file lock while it trains a model)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each worker's own
+    path = root / "kd-cache"
+    path.mkdir(exist_ok=True)
+    return path
 
 
 @functools.cache
