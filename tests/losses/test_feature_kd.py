@@ -17,8 +17,8 @@ from kd.errors import KdError
 from kd.losses import FeatureKD, Features, HintonKD
 from kd.models import Classifier, Preprocessing
 from kd.module import DistillationModule
+from kd.tasks.models import build_teacher
 from kd.teachers import FrozenTeacher
-from kd.teachers.build import build_teacher
 from tests.tiny_models import tiny_student
 
 RGB = Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), input_size=(3, 8, 8), crop_pct=1.0)
