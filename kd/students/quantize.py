@@ -303,15 +303,18 @@ def quantize_onnx(fp32_onnx: Path, path: Path, calibration: Sequence[torch.Tenso
 
 
 def int8_nodes(path: Path) -> dict[str, int]:
-    """How many nodes of each INT8 type the ONNX file holds, and its int8 weight tensors (``int8_weights``)."""
+    """How many nodes of each INT8 type the ONNX file holds, and how many int8 weight tensors (``int8_weights``:
+    int8 initializers that a DequantizeLinear reads, zero points left out)."""
     import onnx
 
     model = onnx.load(str(path))
+    int8 = {t.name for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8}
     counts: dict[str, int] = {}
     for node in model.graph.node:
         if node.op_type in INT8_NODES:
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
-    counts["int8_weights"] = sum(t.data_type == onnx.TensorProto.INT8 for t in model.graph.initializer)
+    dequantized = {node.input[0] for node in model.graph.node if node.op_type == "DequantizeLinear"}
+    counts["int8_weights"] = len(int8 & dequantized)
     return counts
 
 

@@ -22,9 +22,10 @@ from kd.data import ClassificationData
 from kd.data.batches import unpack_batch
 from kd.errors import KdError
 from kd.io import write_json_atomic
+from kd.models.wrap import model_name
 from kd.module import DistillationModule
 from kd.results.files import RESULTS_FILE, write_results
-from kd.students.card import StudentCard
+from kd.students.card import StudentCard, card_for
 from kd.students.export import export_student, write_onnx
 from kd.students.quantize import (
     FakeQuantStudent,
@@ -38,6 +39,7 @@ from kd.students.quantize import (
 from kd.students.speed import onnx_timings
 from kd.tasks.auto_weights import auto_weights
 from kd.tasks.common import attach_loggers, build_data, build_trainer, optimizer_factory, output_dir, trained_student_of
+from kd.tasks.given import Given
 from kd.teachers.build import build_teacher
 from kd.teachers.ensemble import fingerprint_record
 from kd.teachers.fill import teacher_for_run
@@ -50,6 +52,12 @@ RUN_KEYS = ("teacher", "student", "data", "loss", "mixup", "optim", "sched", "se
 
 
 def quantize(cfg: DictConfig) -> dict:
+    return quantize_student(cfg)
+
+
+def quantize_student(cfg: DictConfig, given: Given | None = None) -> dict:
+    """The run of ``task=quantize``; ``given`` parts (``kd.quantize``) replace those of ``cfg``."""
+    given = given or Given()
     start = time.perf_counter()
     settings = cfg.quantize
     method, epochs, batches = str(settings.method), settings.epochs, settings.calibration_batches
@@ -60,15 +68,18 @@ def quantize(cfg: DictConfig) -> dict:
     cfg, chosen = with_run(cfg, settings.get("run"))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     out = output_dir(cfg)
-    data = build_data(cfg, cfg.student)
-    student, card = trained_student_of(cfg, data)
+    data = given.data if given.data is not None else build_data(cfg, cfg.student)
+    if given.student is not None:
+        student, card = given.student, card_for(given.student, data, model=model_name(given.student))
+    else:
+        student, card = trained_student_of(cfg, data)
     folded = fold_batchnorm(student, card.model)  # refuses layers it cannot quantize, before any work
     calibration = calibration_images(data, batches, card.preprocessing.in_chans)
 
     extra: dict = {}
     trained = None
     if method == "qad":
-        trained, extra = distill_quantized(cfg, data, folded, calibration, epochs, settings.lr_scale, out)
+        trained, extra = distill_quantized(cfg, data, folded, calibration, epochs, settings.lr_scale, out, given)
     written = export_student(student, card, out, ["onnx"])  # student.onnx + student.json: the fp32 baseline
     final = trained if trained is not None else FakeQuantStudent(folded)
     final.calibrate(calibration)  # ONNX Runtime's MinMax ranges, for the PyTorch twin of the INT8 file
@@ -163,6 +174,7 @@ def distill_quantized(
     epochs: int,
     lr_scale: float,
     out: Path,
+    given: Given,
 ) -> tuple[FakeQuantStudent, dict]:
     """Quantization-aware distillation: the fake-quantized student, its ranges frozen after calibration, learns
     from the frozen fp32 teacher with the run's loss for ``epochs``, at ``lr_scale`` times the run's LR."""
@@ -175,13 +187,16 @@ def distill_quantized(
         run_cfg.callbacks.checkpoint = None
         if run_cfg.get("sched") and "warmup_epochs" in run_cfg.sched:
             run_cfg.sched.warmup_epochs = 0  # a short schedule: straight into the cosine decay
-    loss = instantiate(run_cfg.loss)
+    loss = given.loss if given.loss is not None else instantiate(run_cfg.loss)
     mixup = instantiate(run_cfg.mixup) if run_cfg.get("mixup") else None
     optimizer = optimizer_factory(run_cfg)
     scheduler = instantiate(run_cfg.sched) if run_cfg.get("sched") else None
     trainer = build_trainer(run_cfg, out)
-    teacher = build_teacher(run_cfg, data.num_classes, auto_weights(run_cfg, data))
-    teacher = teacher_for_run(run_cfg, teacher, loss, data, mixup, trainer)
+    if given.teacher is not None:
+        teacher = given.teacher
+    else:
+        teacher = build_teacher(run_cfg, data.num_classes, auto_weights(run_cfg, data))
+        teacher = teacher_for_run(run_cfg, teacher, loss, data, mixup, trainer)
     student = FakeQuantStudent(folded)
     student.calibrate(calibration)  # observed once, then frozen while the weights learn
     module = DistillationModule(
@@ -200,7 +215,7 @@ def distill_quantized(
     return student.eval(), {
         "lr": run_cfg.optim.lr,
         "metrics": metrics,
-        "teacher": model_label(cfg.teacher),
+        "teacher": model_name(given.teacher.model) if given.teacher is not None else model_label(cfg.teacher),
         "teacher_fingerprint": fingerprint_record(teacher),
     }
 
