@@ -22,7 +22,8 @@ import copy
 import logging
 import operator
 import platform
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -286,20 +287,34 @@ def quantize_onnx(fp32_onnx: Path, path: Path, calibration: Sequence[torch.Tenso
             return next(self.batches, None)
 
     def write(tmp: Path) -> None:
-        quantize_static(
-            str(fp32_onnx),
-            str(tmp),
-            Batches(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            weight_type=QuantType.QInt8,
-            activation_type=QuantType.QUInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-            extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
-        )
+        with advice_silenced():
+            quantize_static(
+                str(fp32_onnx),
+                str(tmp),
+                Batches(),
+                quant_format=QuantFormat.QDQ,
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+                activation_type=QuantType.QUInt8,
+                calibrate_method=CalibrationMethod.MinMax,
+                extra_options={"WeightSymmetric": True, "ActivationSymmetric": False},
+            )
         check_int8_file(tmp)
 
     return write_atomic(path, write)
+
+
+@contextmanager
+def advice_silenced() -> Iterator[None]:
+    """quantize_static advises its shape-inference pre-processing on the root logger; the exporter's graph has
+    its shapes and kd folded the BatchNorms already."""
+    advice = lambda record: not str(record.msg).startswith("Please consider")  # noqa: E731
+    root = logging.getLogger()
+    root.addFilter(advice)
+    try:
+        yield
+    finally:
+        root.removeFilter(advice)
 
 
 def int8_nodes(path: Path) -> dict[str, int]:
