@@ -93,6 +93,8 @@ def fold_batchnorm(student: Classifier, name: str | None = None) -> Classifier:
             f"student {label} cannot be traced by torch.fx ({reason}), so its quantizers cannot be placed; "
             "quantize a student whose forward has no data-dependent control flow"
         ) from None
+    for parameter in folded.parameters():  # fuse gives a convolution without bias a new one that is not trainable
+        parameter.requires_grad_(True)
     return Classifier(folded, student.preprocessing)
 
 

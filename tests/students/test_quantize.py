@@ -221,3 +221,13 @@ def test_qad_distills_the_quantized_student_and_leaves_the_teacher_unchanged(dis
     rows = (tmp_path / "predict" / "predictions.csv").read_text().splitlines()[1:]
     expected = onnx_logits(int8, [images]).argmax(1).tolist()
     assert [row.split(",")[1] for row in rows] == [str(c) for c in expected]
+
+
+def test_every_parameter_of_the_folded_student_trains():
+    student = Classifier(ConvNet(10, in_chans=1, width=8, depth=2), DIGITS).eval()
+    twin = FakeQuantStudent(fold_batchnorm(student))
+    names = [name for name, p in twin.named_parameters() if p.requires_grad]
+    assert len(names) == 6  # each convolution's folded weight and new bias, the classifier's weight and bias
+    twin.calibrate([torch.rand(4, 1, 8, 8)])
+    twin(torch.rand(4, 1, 8, 8)).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in twin.parameters())
