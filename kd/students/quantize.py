@@ -19,6 +19,7 @@ conv-BN fold, so a student with a zero gamma (timm's zero-init residual blocks) 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 import operator
 import platform
@@ -57,6 +58,12 @@ def check_settings(method: str, epochs: int, calibration_batches: int) -> None:
         raise KdError(f"quantize.epochs={epochs} must be a whole number of epochs, 0 or more")
     if not isinstance(calibration_batches, int) or calibration_batches < 1:
         raise KdError(f"quantize.calibration_batches={calibration_batches} must be at least 1")
+
+
+def check_packages() -> None:
+    missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise KdError(f"task=quantize needs {', '.join(missing)}; install them with pip install -e '.[export]'")
 
 
 def cpu_capability() -> str:

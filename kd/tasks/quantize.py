@@ -30,6 +30,7 @@ from kd.students.export import export_student, write_onnx
 from kd.students.quantize import (
     FakeQuantStudent,
     check_int8_cpu,
+    check_packages,
     check_settings,
     fold_batchnorm,
     int8_nodes,
@@ -64,6 +65,7 @@ def quantize_student(cfg: DictConfig, given: Given | None = None) -> dict:
     check_settings(method, epochs, batches)
     if settings.lr_scale is None or settings.lr_scale <= 0:
         raise KdError(f"quantize.lr_scale={settings.lr_scale} must be positive: the fine-tuning LR is optim.lr times")
+    check_packages()
     check_int8_cpu()
     cfg, chosen = with_run(cfg, settings.get("run"))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
