@@ -24,7 +24,7 @@ from kd.errors import KdError
 from kd.io import write_json_atomic
 from kd.models.wrap import model_name
 from kd.module import DistillationModule
-from kd.results.files import RESULTS_FILE, write_results
+from kd.results.files import RESULTS_FILE
 from kd.students.card import StudentCard, card_for
 from kd.students.export import export_student, write_onnx
 from kd.students.quantize import (
@@ -39,12 +39,20 @@ from kd.students.quantize import (
 )
 from kd.students.speed import onnx_timings
 from kd.tasks.auto_weights import auto_weights
-from kd.tasks.common import attach_loggers, build_data, build_trainer, optimizer_factory, output_dir, trained_student_of
+from kd.tasks.common import (
+    attach_loggers,
+    build_data,
+    build_trainer,
+    optimizer_factory,
+    output_dir,
+    schedule_for,
+    trained_student_of,
+)
 from kd.tasks.given import Given
-from kd.teachers.build import build_teacher
+from kd.tasks.models import build_teacher, cache_settings
+from kd.tasks.records import model_records, write_results
 from kd.teachers.ensemble import fingerprint_record
 from kd.teachers.fill import teacher_for_run
-from kd.weights.names import model_label
 
 log = logging.getLogger("kd")
 
@@ -68,6 +76,11 @@ def quantize_student(cfg: DictConfig, given: Given | None = None) -> dict:
     check_packages()
     check_int8_cpu()
     cfg, chosen = with_run(cfg, settings.get("run"))
+    if str(cfg.student.get("weights")).endswith(".onnx"):
+        raise KdError(
+            f"student.weights={cfg.student.weights} is an exported file, which kd cannot fine-tune or re-quantize; "
+            "pass the student.safetensors its run wrote"
+        )
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     out = output_dir(cfg)
     data = given.data if given.data is not None else build_data(cfg, cfg.student)
@@ -192,19 +205,20 @@ def distill_quantized(
     loss = given.loss if given.loss is not None else instantiate(run_cfg.loss)
     mixup = instantiate(run_cfg.mixup) if run_cfg.get("mixup") else None
     optimizer = optimizer_factory(run_cfg)
-    scheduler = instantiate(run_cfg.sched) if run_cfg.get("sched") else None
+    scheduler = schedule_for(run_cfg)
     trainer = build_trainer(run_cfg, out)
     if given.teacher is not None:
         teacher = given.teacher
     else:
         teacher = build_teacher(run_cfg, data.num_classes, auto_weights(run_cfg, data))
-        teacher = teacher_for_run(run_cfg, teacher, loss, data, mixup, trainer)
+        teacher = teacher_for_run(cache_settings(run_cfg), teacher, loss, data, mixup, trainer)
     student = FakeQuantStudent(folded)
     student.calibrate(calibration)  # observed once, then frozen while the weights learn
     module = DistillationModule(
         student, loss, optimizer, scheduler, data.num_classes, teacher, mixup, channels_last=False
     )
-    attach_loggers(run_cfg, trainer)
+    records = model_records(run_cfg, "distill")  # the dashboards' tags: the run's teacher and student
+    attach_loggers(run_cfg, trainer, records)
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     [before] = trainer.validate(module, datamodule=data, verbose=False)
     if epochs:
@@ -217,7 +231,9 @@ def distill_quantized(
     return student.eval(), {
         "lr": run_cfg.optim.lr,
         "metrics": metrics,
-        "teacher": model_name(given.teacher.model) if given.teacher is not None else model_label(cfg.teacher),
+        "teacher": model_name(given.teacher.model)
+        if given.teacher is not None
+        else (records["teacher"] or {}).get("name"),
         "teacher_fingerprint": fingerprint_record(teacher),
     }
 

@@ -25,10 +25,10 @@ from kd.students.export import write_onnx
 from kd.students.quantize import FakeQuantStudent, fold_batchnorm, onnx_logits, quantize_onnx
 from kd.tasks.auto_weights import auto_weights
 from kd.tasks.evaluate import evaluate
+from kd.tasks.models import build_teacher
 from kd.tasks.predict import predict
 from kd.tasks.quantize import quantize
 from kd.tasks.train import distill
-from kd.teachers.build import build_teacher
 from kd.teachers.frozen import fingerprint
 from tests.conftest import FAST
 from tests.students.test_use_student import digit_pngs

@@ -464,3 +464,10 @@ def test_quantize_run_without_a_finished_run_is_refused(make_cfg, tmp_path):
 
     with pytest.raises(KdError, match=f"quantize.run={tmp_path} holds no finished kd run"):
         quantize(make_cfg("task=quantize", f"quantize.run={tmp_path}"))
+
+
+def test_quantize_refuses_an_onnx_student(make_cfg, tmp_path):
+    from kd.tasks.quantize import quantize
+
+    with pytest.raises(KdError, match="is an exported file, which kd cannot fine-tune or re-quantize"):
+        quantize(make_cfg("task=quantize", f"student.weights={tmp_path / 'student.int8.onnx'}"))
