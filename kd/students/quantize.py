@@ -237,7 +237,7 @@ class FakeQuantStudent(Classifier):
             if not key.startswith("activation_quant_")
         }
         net.load_state_dict(trained)
-        return Classifier(net.eval(), self.preprocessing)
+        return Classifier(net, self.preprocessing).eval()
 
 
 def insert_activation_quants(graph_module: fx.GraphModule) -> list[ActivationQuant]:
