@@ -24,6 +24,27 @@ register_models()
 os.environ["WANDB_MODE"] = "disabled"
 
 
+# What Hydra itself writes into a run's folder; a refused run must leave nothing else.
+HYDRA_FILES = {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "run.log"}
+
+
+def files_under(folder: Path, leave_out: Path | None = None) -> set[str]:
+    """Every file below ``folder`` (relative paths), except those under ``leave_out``."""
+    return {
+        str(path.relative_to(folder))
+        for path in folder.rglob("*")
+        if not path.is_dir() and (leave_out is None or leave_out not in path.parents)
+    }
+
+
+def assert_only_hydra_files(out: Path, cache: Path | None = None) -> None:
+    """A refused run left its output folder as Hydra made it (in process: empty), and ``cache`` empty."""
+    left = files_under(out, leave_out=cache)
+    assert left <= HYDRA_FILES, f"a refused run wrote {sorted(left - HYDRA_FILES)}"
+    if cache is not None:
+        assert not files_under(cache), f"a refused run wrote into the cache: {sorted(files_under(cache))}"
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
     """One weights=auto cache for the whole session, so the digits models are trained once."""

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from kd.data import ClassificationData
 from kd.errors import KdError
 from kd.losses.base import DistillationLoss
+from kd.models.arch import SET_BY_KD, reserved_keyword
 from kd.teachers.ensemble import check_ensemble_loss
 from kd.teachers.fill import check_teacher_cache
 from kd.training.steps import planned_steps
@@ -99,6 +100,36 @@ def check_weights_given(cfg: DictConfig, loss: DistillationLoss) -> None:
                 f"{role}.weights=FILE (CRD's and mdistiller's ckpt_epoch_240.pth load as they are), or "
                 f"{role}.weights=auto to train one here first"
             )
+
+
+def check_model_keywords(cfg: DictConfig, loss: DistillationLoss, with_teacher: bool = True) -> None:
+    """``+ROLE.arch.num_classes``, ``pretrained`` (and ``in_chans`` for torchvision): keywords kd passes to the
+    model builder itself, refused in one sentence before the builder's traceback. ``num_classes=0`` asks a teacher
+    for its features alone (an embedding teacher): ``embedding_teacher``."""
+    for role in ("teacher", "student") if with_teacher else ("student",):
+        arch = OmegaConf.select(cfg, f"{role}.arch")
+        if not isinstance(arch, DictConfig):
+            continue
+        target = str(arch.get("_target_", ""))
+        backends = {"TimmArch": "timm", "TorchvisionArch": "torchvision"}
+        backend = backends.get(target.rpartition(".")[2])
+        key = reserved_keyword(backend, arch) if backend else None
+        if key is None:
+            continue
+        if role == "teacher" and key == "num_classes" and arch.num_classes == 0:
+            embedding_teacher(loss)
+        reason = SET_BY_KD[key].replace("ROLE", role)
+        raise KdError(f"{role}.arch.{key}={arch[key]} cannot be given to a {backend} model ({reason}); remove it")
+
+
+def embedding_teacher(loss: DistillationLoss) -> None:
+    """``teacher.arch.num_classes=0``: a teacher that gives features only. A logit loss has nothing to compare."""
+    if loss.uses_teacher and not loss.feature_stages().teacher:
+        raise KdError(
+            f"teacher.arch.num_classes=0 makes an embedding teacher (features, no logits), and {type(loss).__name__} "
+            "compares logits: it needs a feature loss, e.g. loss=feature_kd"
+        )
+    raise KdError("teacher.arch.num_classes=0 (an embedding teacher) is not supported; remove it")
 
 
 def check_before_work(

@@ -22,7 +22,7 @@ from kd.students.export import export_student
 from kd.students.fast import check_compile, wants_channels_last
 from kd.students.speed import student_speed
 from kd.tasks.auto_weights import auto_weights
-from kd.tasks.checks import check_before_work
+from kd.tasks.checks import check_before_work, check_model_keywords
 from kd.tasks.common import (
     attach_loggers,
     build_data,
@@ -57,6 +57,7 @@ def fit(cfg: DictConfig, task: str, given: Given | None = None) -> dict:
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # models with weights=none start from this seed
     out = output_dir(cfg)
     loss = given.loss if given.loss is not None else instantiate(cfg.loss)
+    check_model_keywords(cfg, loss, with_teacher=task == "distill")  # before any builder sees them
     check_compile(bool(cfg.student.get("compile", False)), loss.feature_stages().student)  # before any work
     wants_channels_last(cfg.student.get("channels_last", "auto"), torch.nn.Module())  # refuses a bad value now
     ema_decay = check_ema_decay(cfg.student.get("ema_decay")) if cfg.student.get("ema", False) else None

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from kd.tasks.common import build_data
 from kd.tasks.train import fit
 from kd.teachers.build import build_teacher
 from kd.training.resume import RestoreRng
-from tests.conftest import FAST, ROOT, run_cli
+from tests.conftest import FAST, ROOT, assert_only_hydra_files, run_cli
 
 # 2 epochs of 22 steps (1,437 digits, batch 64), a checkpoint every 3 steps (and, by kd's Checkpoint, after the last).
 RUN = [*FAST, "callbacks.checkpoint.every_n_train_steps=3"]
@@ -111,10 +112,13 @@ def finished_run(tmp_path_factory, cache_dir):
 
 
 def refusal(make_cfg, *overrides) -> str:
+    """The refusal's sentence; the run wrote nothing (no csv/hparams.yaml of a logger attached too early)."""
+    cfg = make_cfg(*overrides)
     with pytest.raises(Exception) as raised:
-        fit(make_cfg(*overrides), task="distill")
+        fit(cfg, task="distill")
     problem = user_error(raised.value)
     assert problem is not None, raised.value
+    assert_only_hydra_files(Path(cfg.paths.output_dir))
     return str(problem)
 
 
