@@ -15,6 +15,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from kd.data.sampling import SeededViews
 from kd.errors import KdError
 from kd.module import DistillationModule
 from kd.tasks.auto_weights import AutoWeights
@@ -208,6 +209,26 @@ def test_a_sweep_over_losses_and_students_shares_one_cache(make_cfg, tmp_path):
     for variant in variants:
         again, written = open_cache(make_cfg(*base, variant))
         assert (again.folder, written) == (store.folder, []), variant
+
+
+def test_a_lookup_at_a_later_epoch_is_the_teachers_live_output_for_that_epochs_view(make_cfg, tmp_path):
+    """Epoch 1 (and a batch mixing epochs 1 and 0) against the teacher run now on the same seeded views."""
+    cfg = make_cfg(*FAST, f"teacher.cache={tmp_path}")
+    data = build_data(cfg, cfg.student)
+    teacher = build_teacher(cfg, data.num_classes, AutoWeights(cfg.paths.cache_dir, cfg.data, data, "cpu"))
+    store, _ = open_teacher_cache(cfg, teacher, data, epochs=2)
+    views = SeededViews(data.train_set, int(cfg.seed))
+    samples = [0, 7, 301, 1436]
+    keys = [(i, 1) for i in samples] + [(5, 1), (9, 0)]  # the last two: a batch of two epochs
+    with torch.no_grad():
+        live = teacher(torch.stack([views[key][0] for key in keys]))
+    cached = store.lookup(torch.tensor(keys))
+    top = live.max(1, keepdim=True).values  # stored: float16 of the logit minus its row's largest
+    close = (cached - live).abs() <= (live - top).abs() * 2**-11 + 1e-4
+    assert bool(close.all()), f"views {[keys[row] for row in (~close).any(1).nonzero()[:, 0].tolist()]} differ"
+    epoch_0 = store.lookup(torch.tensor([(i, 0) for i in samples]))
+    live = live[: len(samples)]
+    assert not torch.allclose(epoch_0, live, atol=1e-2)  # another epoch's views give other outputs
 
 
 @pytest.fixture(scope="module")
