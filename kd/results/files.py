@@ -50,7 +50,7 @@ def write_results(out: Path, cfg: DictConfig, task: str, **extra: Any) -> Path:
         **({"published": OmegaConf.to_container(cfg.published)} if cfg.get("published") else {}),
         "overrides": list(HydraConfig.get().overrides.task) if HydraConfig.initialized() else [],
     }
-    path = write_json_atomic(out / RESULTS_FILE, results)
+    path = write_json_atomic(out / RESULTS_FILE, results, "results file")
     log.info("results written to %s", path)
     return path
 
@@ -58,4 +58,4 @@ def write_results(out: Path, cfg: DictConfig, task: str, **extra: Any) -> Path:
 def write_failure(out: Path, error: str, overrides: Sequence[str]) -> Path:
     """Record a failed job, never as a results.json: the summary lists it as failed with ``error``."""
     failure = {"status": "failed", "error": error, "overrides": list(overrides)}
-    return write_json_atomic(Path(out) / FAILURE_FILE, failure)
+    return write_json_atomic(Path(out) / FAILURE_FILE, failure, "failure record")

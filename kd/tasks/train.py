@@ -7,7 +7,9 @@ import time
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from kd.data.unlabeled import check_labels_reach_loss, training_images
@@ -36,10 +38,19 @@ from kd.tasks.given import Given
 from kd.teachers.ensemble import fingerprint_record
 from kd.teachers.fill import teacher_for_run
 from kd.teachers.views import teacher_view_metrics
+from kd.training.preemption import StopOnRequeueSignal, preempted
 from kd.training.resume import ResumePoint
 from kd.weights.names import model_label
 
 log = logging.getLogger("kd")
+
+
+def resume_command(out) -> str:
+    """This run's command line, pointed at its own folder (``ckpt_path=last`` is added by the caller)."""
+    if not HydraConfig.initialized():
+        return f"the same call with output_dir={out} and overrides=[...,"
+    kept = [o for o in HydraConfig.get().overrides.task if not o.startswith(("ckpt_path=", "hydra.run.dir="))]
+    return " ".join(["python run.py", *kept, f"hydra.run.dir={out}"])
 
 
 def distill(cfg: DictConfig) -> dict:
@@ -72,7 +83,8 @@ def fit(cfg: DictConfig, task: str, given: Given | None = None) -> dict:
     check_labels_reach_loss(data, loss)
     throughput, history = TrainThroughput(), ValidationHistory()
     card_callback = CardInCheckpoint(None)
-    trainer = build_trainer(cfg, out, [throughput, history, card_callback])
+    stopper = StopOnRequeueSignal()  # SLURM's SIGUSR1: stop at a step boundary, then requeue
+    trainer = build_trainer(cfg, out, [throughput, history, card_callback, stopper])
     check_before_work(cfg, data, loss, scheduler, trainer)
     resume = ResumePoint.find(cfg.get("ckpt_path"), trainer)
 
@@ -106,9 +118,12 @@ def fit(cfg: DictConfig, task: str, given: Given | None = None) -> dict:
     attach_loggers(cfg, trainer)  # every check has passed: only now do csv/ and wandb/ appear
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # training does not depend on what ran before
-    before = validate(trainer, module, data)
-    trainer.fit(module, datamodule=data, ckpt_path=resume and resume.path)
-    after = validate(trainer, module, data)
+    try:
+        before = validate(trainer, module, data)
+        trainer.fit(module, datamodule=data, ckpt_path=resume and resume.path)
+        after = validate(trainer, module, data)
+    except SIGTERMException:  # preempted: Lightning stopped after a whole step, Checkpoint wrote last.ckpt
+        raise preempted(trainer, stopper, resume_command(out)) from None
 
     metrics = {
         **after,

@@ -2,6 +2,7 @@
 half-written cache."""
 
 import csv
+import errno
 import json
 import os
 import signal
@@ -327,6 +328,26 @@ def test_a_damaged_or_unlisted_epoch_file_is_written_again(make_cfg, tmp_path):
     manifest = json.loads(store.manifest_path.read_text())
     manifest["epochs"] = [0]  # killed after the file was renamed into place, before the manifest listed it
     store.manifest_path.write_text(json.dumps(manifest))
+    _, written = open_cache(cfg, epochs=2)
+    assert written == [1]
+
+
+def test_a_full_disk_while_writing_an_epoch_keeps_the_manifest_to_complete_epochs(make_cfg, tmp_path, monkeypatch):
+    cfg = make_cfg(*FAST, f"teacher.cache={tmp_path}")
+    store, _ = open_cache(cfg, epochs=1)
+    real = os.replace
+
+    def disk_full(src, dst, *args, **kwargs):
+        if Path(dst).name == "epoch-0001.npy":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    with pytest.raises(KdError, match=r"^could not write the teacher-output cache epoch .*epoch-0001.npy \(No space"):
+        open_cache(cfg, epochs=2)
+    assert json.loads(store.manifest_path.read_text())["epochs"] == [0]  # only the complete epoch is listed
+    assert not store.epoch_path(1).exists() and not list(store.folder.glob(".*.tmp"))
+    monkeypatch.setattr(os, "replace", real)  # space again: the next run writes epoch 1 and reuses epoch 0
     _, written = open_cache(cfg, epochs=2)
     assert written == [1]
 

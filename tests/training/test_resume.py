@@ -33,8 +33,11 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def start_and_kill(folder, cache_dir, kill_after_step: int, run: list[str] = RUN) -> dict:
-    """Start the run, SIGKILL it once a checkpoint of step >= kill_after_step exists; its last checkpoint."""
+def start_and_kill(
+    folder, cache_dir, kill_after_step: int, run: list[str] = RUN, sig: signal.Signals = signal.SIGKILL
+) -> dict:
+    """Start the run, send it ``sig`` (SIGKILL) once a checkpoint of step >= kill_after_step exists; its last
+    checkpoint once the process has ended (with -SIGKILL, or kd's 143 after a SIGTERM)."""
     env = {**os.environ, "KD_CACHE_DIR": str(cache_dir), "WANDB_MODE": "offline"}
     command = [sys.executable, str(ROOT / "run.py"), *run, f"hydra.run.dir={folder}"]
     log = (folder.parent / "killed.err").open("w")
@@ -47,12 +50,13 @@ def start_and_kill(folder, cache_dir, kill_after_step: int, run: list[str] = RUN
             try:
                 stamp = last.stat().st_mtime_ns
                 if stamp != seen and load(last)["global_step"] >= kill_after_step:
-                    process.send_signal(signal.SIGKILL)
+                    process.send_signal(sig)
                     break
                 seen = stamp
             except (RuntimeError, OSError, EOFError):
                 pass  # not written yet, or replaced while being read
-        assert process.wait(timeout=600) == -signal.SIGKILL, (folder.parent / "killed.err").read_text()[-3000:]
+        expected = -signal.SIGKILL if sig == signal.SIGKILL else 128 + sig
+        assert process.wait(timeout=600) == expected, (folder.parent / "killed.err").read_text()[-3000:]
     finally:
         process.kill()
         log.close()
@@ -92,6 +96,34 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_and_metrics(tmp_path
         assert torch.equal(group["momentum_buffer"], other["momentum_buffer"]), f"killed at step {stopped_at}"
     metrics = [json.loads((folder / "results.json").read_text())["metrics"] for folder in (alone, killed)]
     assert metrics[0] == metrics[1], f"killed at step {stopped_at}"
+
+
+@pytest.mark.slow
+def test_a_run_stopped_by_sigterm_saves_its_step_and_resumes_to_the_same_weights(tmp_path, cache_dir):
+    """SIGTERM (preemption): the step ends, last.ckpt holds it, one line says how to resume, exit code 143."""
+    run = [*FAST, "logger=csv"]  # a checkpoint at each epoch's end only: step 22, then 44
+    alone, stopped = tmp_path / "alone", tmp_path / "stopped"
+    alone.mkdir(), stopped.mkdir()
+    result = run_cli(*run, cwd=alone, cache_dir=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    last = start_and_kill(stopped, cache_dir, kill_after_step=22, run=run, sig=signal.SIGTERM)  # in epoch 1
+    stopped_at = last["global_step"]
+    assert 22 < stopped_at < TOTAL_STEPS, "last.ckpt was not written at the step the signal ended"
+    said = (stopped / "run.log").read_text()
+    line = f"stopped by SIGTERM after step {stopped_at} (epoch 1); its state is in {stopped}/checkpoints/last.ckpt"
+    assert line in said and f"resume with: python run.py {' '.join(run)} hydra.run.dir={stopped}" in said
+    assert "Traceback" not in said + (tmp_path / "killed.err").read_text() and not (stopped / "results.json").exists()
+    assert not list(stopped.rglob("*.tmp"))
+
+    resumed = run_cli(*run, "ckpt_path=last", cwd=stopped, cache_dir=cache_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, got = load(alone / "checkpoints" / "last.ckpt"), load(stopped / "checkpoints" / "last.ckpt")
+    assert got["global_step"] == expected["global_step"] == TOTAL_STEPS
+    for key, value in expected["state_dict"].items():
+        assert torch.equal(value, got["state_dict"][key]), f"{key} differs after a SIGTERM at step {stopped_at}"
+    metrics = [json.loads((folder / "results.json").read_text())["metrics"] for folder in (alone, stopped)]
+    assert metrics[0] == metrics[1]
 
 
 @pytest.fixture(scope="module")
