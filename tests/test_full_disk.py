@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 from kd.errors import WriteError
 from kd.io import write_atomic, write_json_atomic
 from kd.launch.run import user_error
-from kd.results.files import write_results
-from kd.students.build import build_student
 from kd.students.card import card_for
 from kd.students.export import export_student
 from kd.tasks.common import build_data
+from kd.tasks.models import build_student
+from kd.tasks.records import write_results
 from kd.training.resume import AtomicCheckpointIO, Checkpoint
 
 FULL = "No space left on device"

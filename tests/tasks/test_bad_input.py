@@ -18,8 +18,8 @@ from kd.launch.run import user_error
 from kd.losses import DistillationLoss
 from kd.tasks.checks import check_loss_gives_gradient, check_run_length
 from kd.tasks.common import build_data, build_trainer
+from kd.tasks.models import build_teacher_model
 from kd.tasks.train import fit
-from kd.teachers.build import build_teacher_model
 from tests.conftest import FAST, HYDRA_FILES, assert_only_hydra_files, files_under, run_cli
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
@@ -508,3 +508,12 @@ def test_the_model_builders_refuse_those_keywords_too():
     with pytest.raises(KdError, match=r"^pretrained=True cannot be given to a torchvision model"):
         TorchvisionArch("alexnet", pretrained=True)
     assert TimmArch("resnet10t", in_chans=1).build(10).conv1[0].in_channels == 1  # timm's in_chans is kd's too
+
+
+def test_pretrained_weights_of_a_model_without_published_ones_are_refused(tmp_path):
+    """IGC V1, ShuffleNet V1 and the Residual Attention Network have no published PyTorch weights (the student's
+    refusal, the same sentence, is tested in tests/models/test_seed_zoo_rows.py)."""
+    args = ("data=fake", "teacher=attention92", "teacher.weights=pretrained")
+    result = run_cli(*args, cwd=tmp_path, cache_dir=tmp_path / "cache")
+    assert_refused(result, "has no published PyTorch weights (the authors released", tmp_path, tmp_path / "cache")
+    assert "weights=none" in result.stderr.strip().splitlines()[-1]

@@ -21,12 +21,12 @@ from kd.errors import KdError
 from kd.module import DistillationModule
 from kd.tasks.auto_weights import AutoWeights
 from kd.tasks.cache_teacher import cache_teacher
-from kd.tasks.common import build_data
+from kd.tasks.common import build_data, planned_trainer
+from kd.tasks.models import build_teacher, cache_settings
 from kd.tasks.train import fit
 from kd.teachers import FrozenTeacher
-from kd.teachers.build import build_teacher
 from kd.teachers.cache import decode, encode, resolve_topk
-from kd.teachers.fill import epochs_to_cover, open_teacher_cache, planned_trainer
+from kd.teachers.fill import epochs_to_cover, open_teacher_cache
 from tests.conftest import FAST, ROOT, run_cli
 
 # Short runs: 2 epochs of 4 steps, enough to see every step's loss move.
@@ -193,7 +193,7 @@ def open_cache(cfg, epochs=1, change=None, world_size=1):
     if change == "transform":  # the same data config, another augmentation
         data.train_set.max_shift = 2
     mixup = instantiate(cfg.mixup) if cfg.get("mixup") else None
-    return open_teacher_cache(cfg, teacher, data, epochs, mixup, world_size)
+    return open_teacher_cache(cache_settings(cfg), teacher, data, epochs, mixup, world_size)
 
 
 def test_a_sweep_over_losses_and_students_shares_one_cache(make_cfg, tmp_path):
@@ -217,7 +217,7 @@ def test_a_lookup_at_a_later_epoch_is_the_teachers_live_output_for_that_epochs_v
     cfg = make_cfg(*FAST, f"teacher.cache={tmp_path}")
     data = build_data(cfg, cfg.student)
     teacher = build_teacher(cfg, data.num_classes, AutoWeights(cfg.paths.cache_dir, cfg.data, data, "cpu"))
-    store, _ = open_teacher_cache(cfg, teacher, data, epochs=2)
+    store, _ = open_teacher_cache(cache_settings(cfg), teacher, data, epochs=2)
     views = SeededViews(data.train_set, int(cfg.seed))
     samples = [0, 7, 301, 1436]
     keys = [(i, 1) for i in samples] + [(5, 1), (9, 0)]  # the last two: a batch of two epochs
