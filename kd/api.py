@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader
 from kd.data.loaders import LoaderData
 from kd.errors import KdError
 from kd.launch.keys import kd_hydra, unknown_key_problem
+from kd.launch.preflight import config_groups
 from kd.losses.base import DistillationLoss
 from kd.models.wrap import as_classifier, model_name
 from kd.results.dashboards import finish_dashboards
@@ -69,7 +70,8 @@ def run_config(overrides: Sequence[str]) -> DictConfig:
         with kd_hydra():
             return compose("config", overrides=["task=distill", *overrides], return_hydra_config=True)
     except HydraException as error:
-        unknown = unknown_key_problem(["task=distill", *overrides])  # optim={"learning_rate": 0.1}
+        # optim={"learning_rate": 0.1}: the one line python run.py gives
+        unknown = unknown_key_problem(["task=distill", *overrides], set(config_groups()))
         if unknown is not None:
             raise unknown from None
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__

@@ -104,15 +104,14 @@ def unknown_key_message(key: str, value: str, missing: str, siblings: list[str],
     return f"{key}={value} is not a key {where}; closest: {near}{added}. {LIST_KEYS}"[:300]
 
 
-def unknown_key_problem(overrides: Sequence[str]) -> KdError | None:
-    """The first plain ``key=value`` of ``overrides`` whose key the composed config lacks, as kd's one line."""
-    from kd.launch.preflight import config_groups
-
+def unknown_key_problem(overrides: Sequence[str], groups: set[str]) -> KdError | None:
+    """The first plain ``key=value`` of ``overrides`` whose key the composed config lacks, as kd's one line.
+    ``groups``: the config groups (``kd.launch.preflight.config_groups``), whose ``group=option`` is a choice."""
     try:
         parsed = OverridesParser.create().parse_overrides(list(overrides))
     except HydraException:
         return None  # a syntax error: Hydra's own message names the position
-    groups = set(config_groups()) | {"experiment"}
+    groups = set(groups) | {"experiment"}
     keys = [o for o in parsed if is_plain_key(o, groups)]
     if not keys:
         return None
@@ -134,9 +133,3 @@ def unknown_key_problem(overrides: Sequence[str]) -> KdError | None:
         value = override.input_line.partition("=")[2]
         return KdError(unknown_key_message(override.key_or_group, value, *found))
     return None
-
-
-def check_keys(overrides: Sequence[str]) -> None:
-    problem = unknown_key_problem(overrides)
-    if problem is not None:
-        raise problem

@@ -21,7 +21,7 @@ from hydra.errors import HydraException
 
 from kd.errors import KdError
 from kd.io import CONF_DIR, MODEL_ROLES
-from kd.launch.keys import check_keys
+from kd.launch.keys import unknown_key_problem
 from kd.launch.model_names import check_model_overrides, unknown_model
 
 OUTPUT_FOLDERS = ("hydra.run.dir", "hydra.sweep.dir")
@@ -124,7 +124,9 @@ def check_overrides(overrides: list[str]) -> None:
                 values = option_names(override.value())
             check_group_choice(key, values)
     check_model_overrides(parsed)
-    check_keys(overrides)  # last: it composes the config the options above chose
+    problem = unknown_key_problem(overrides, set(groups))  # last: it composes the config the options above chose
+    if problem is not None:
+        raise problem
 
 
 def refuse_bad_command_line(argv: list[str] | None = None) -> None:
