@@ -55,8 +55,13 @@ def test_a_run_resumed_mid_epoch_gets_the_next_batch_first(tmp_path):
         assert resumed == seen[step:]
 
 
-def test_validation_under_two_processes_sees_each_image_once():
+def test_validation_under_two_processes_sees_each_image_once(monkeypatch):
     """Each of 2 DDP processes validates on its own share, unpadded: kd's UnrepeatedDistributedSampler."""
+    from lightning.fabric.utilities.rank_zero import rank_zero_only as fabric_rank_zero
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    for flag in (rank_zero_only, fabric_rank_zero):  # a DDP trainer sets the process's rank: later tests need 0
+        monkeypatch.setattr(flag, "rank", getattr(flag, "rank", 0))
     data = DigitsData(batch_size=64)
     data.setup("fit")
     data.val_set = Subset(data.val_set, range(359))  # an odd count: a padded sampler would repeat one image
