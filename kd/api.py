@@ -12,13 +12,11 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from hydra import compose
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
@@ -26,8 +24,8 @@ from torch.utils.data import DataLoader
 
 from kd.data.loaders import LoaderData
 from kd.errors import KdError
-from kd.io import CONF_DIR
-from kd.launch.configs import register_models
+from kd.launch.keys import kd_hydra, unknown_key_problem
+from kd.launch.preflight import config_groups
 from kd.losses.base import DistillationLoss
 from kd.models.wrap import as_classifier, model_name
 from kd.results.dashboards import finish_dashboards
@@ -66,28 +64,16 @@ def option_overrides(options: Mapping[str, Any]) -> list[str]:
     return overrides
 
 
-@contextmanager
-def kd_hydra() -> Iterator[None]:
-    """Hydra pointed at kd's ``conf/`` for one compose, leaving a caller's own Hydra (if any) as it was."""
-    register_models()  # run.py does this at import: every conf/model yaml as teacher=NAME and student=NAME
-    global_hydra = GlobalHydra.instance()
-    saved = global_hydra.hydra
-    global_hydra.clear()
-    try:
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            yield
-    finally:
-        global_hydra.clear()
-        if saved is not None:
-            global_hydra.initialize(saved)
-
-
 def run_config(overrides: Sequence[str], task: str = "distill") -> DictConfig:
     """kd's ``task=<task>`` config with ``overrides``, as ``python run.py OVERRIDES`` composes it."""
     try:
         with kd_hydra():
             return compose("config", overrides=[f"task={task}", *overrides], return_hydra_config=True)
     except HydraException as error:
+        # optim={"learning_rate": 0.1}: the one line python run.py gives
+        unknown = unknown_key_problem([f"task={task}", *overrides], set(config_groups()))
+        if unknown is not None:
+            raise unknown from None
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise KdError(
             f"the options {list(overrides)} are not a valid kd run ({first}); use the keys of python run.py's "

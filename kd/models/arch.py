@@ -20,6 +20,27 @@ from kd.models.classifier import Preprocessing
 
 PRETRAINED = "pretrained"  # weights=pretrained: the backend's default weights for the architecture
 
+#: Builder keywords kd sets itself, and why a model's arch keywords cannot set them.
+SET_BY_KD = {
+    "num_classes": "kd builds the classifier for the dataset's classes",
+    "pretrained": "kd loads the weights itself: set ROLE.weights=pretrained, a tag, a file or none",
+    "weights": "kd loads the weights itself: set ROLE.weights=pretrained, a tag, a file or none",
+    "in_chans": "torchvision's models read 3-channel images; name the model with ROLE=timm to set in_chans",
+}
+
+
+def reserved_keyword(backend: str, kwargs: dict) -> str | None:
+    """The first keyword in ``kwargs`` that kd passes to ``backend``'s builder itself (timm takes in_chans)."""
+    own = ("num_classes", "pretrained") if backend == "timm" else ("num_classes", "pretrained", "weights", "in_chans")
+    return next((key for key in own if key in kwargs), None)
+
+
+def refuse_reserved_keyword(backend: str, kwargs: dict) -> None:
+    key = reserved_keyword(backend, kwargs)
+    if key is not None:
+        reason = SET_BY_KD[key].replace("ROLE.", "").replace("ROLE=", "")
+        raise KdError(f"{key}={kwargs[key]} cannot be given to a {backend} model ({reason}); remove it")
+
 
 class Arch(Protocol):
     backend: str  # "timm", "torchvision" or "kd"
@@ -84,6 +105,7 @@ class TimmArch:
         self.fixed_classes = num_classes
         self.data_config = dict(data_config or {})
         self.kwargs = kwargs
+        refuse_reserved_keyword(self.backend, kwargs)
         if not self.is_hub:
             check_timm_name(self.model_name)
 
@@ -225,6 +247,7 @@ class TorchvisionArch:
                 f"'{self.tag}' is not a torchvision weights name of {self.model_name}; use one of "
                 f"{', '.join(self.weight_names())}"
             )
+        refuse_reserved_keyword(self.backend, kwargs)
         self.kwargs = kwargs
 
     @property

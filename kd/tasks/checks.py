@@ -20,6 +20,7 @@ from torch import nn
 from kd.data import ClassificationData
 from kd.errors import KdError
 from kd.losses.base import DistillationLoss
+from kd.models.arch import SET_BY_KD, reserved_keyword
 from kd.tasks.models import cache_settings, is_ensemble, model_spec
 from kd.teachers.ensemble import check_ensemble_loss
 from kd.teachers.fill import check_teacher_cache
@@ -154,6 +155,27 @@ def check_embedding_teacher(cfg: DictConfig, loss: DistillationLoss) -> None:
             "teacher.cache stores a teacher's class scores, but teacher.arch.num_classes=0 gives features; "
             "leave teacher.cache=null"
         )
+
+
+def check_model_keywords(cfg: DictConfig, loss: DistillationLoss, with_teacher: bool = True) -> None:
+    """``+ROLE.arch.num_classes``, ``pretrained`` (and ``in_chans`` for torchvision): keywords kd passes to the
+    model builder itself, refused in one sentence before the builder's traceback. ``num_classes=0`` asks a teacher
+    for its features alone (an embedding teacher): ``check_embedding_teacher``."""
+    for role in ("teacher", "student") if with_teacher else ("student",):
+        arch = OmegaConf.select(cfg, f"{role}.arch")
+        if not isinstance(arch, DictConfig):
+            continue
+        target = str(arch.get("_target_", ""))
+        backends = {"TimmArch": "timm", "TorchvisionArch": "torchvision"}
+        backend = backends.get(target.rpartition(".")[2])
+        key = reserved_keyword(backend, arch) if backend else None
+        if key is None:
+            continue
+        if role == "teacher" and key == "num_classes" and arch.num_classes == 0:
+            continue  # an embedding teacher: check_embedding_teacher says which losses it can teach with
+        reason = SET_BY_KD[key].replace("ROLE", role)
+        raise KdError(f"{role}.arch.{key}={arch[key]} cannot be given to a {backend} model ({reason}); remove it")
+
 
 
 def cache_refusals(cfg: DictConfig) -> dict:

@@ -20,30 +20,12 @@ from kd.tasks.checks import check_loss_gives_gradient, check_run_length
 from kd.tasks.common import build_data, build_trainer
 from kd.tasks.models import build_teacher_model
 from kd.tasks.train import fit
-from tests.conftest import FAST, run_cli
+from tests.conftest import FAST, HYDRA_FILES, assert_only_hydra_files, files_under, run_cli
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 
 
-# What Hydra itself writes into a run's folder; a refused run must leave nothing else.
-HYDRA_FILES = {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "run.log"}
 MAX_MESSAGE = 300  # characters of one kd error line
-
-
-def files_under(folder: Path, leave_out: Path | None = None) -> set[str]:
-    """Every file below ``folder`` (relative paths), except those under ``leave_out``."""
-    return {
-        str(path.relative_to(folder))
-        for path in folder.rglob("*")
-        if not path.is_dir() and (leave_out is None or leave_out not in path.parents)
-    }
-
-
-def assert_only_hydra_files(out: Path, cache: Path | None = None) -> None:
-    left = files_under(out, leave_out=cache)
-    assert left <= HYDRA_FILES, f"a refused run wrote {sorted(left - HYDRA_FILES)}"
-    if cache is not None:
-        assert not files_under(cache), f"a refused run wrote into the cache: {sorted(files_under(cache))}"
 
 
 @pytest.fixture(autouse=True)
@@ -199,7 +181,7 @@ def test_nonsensical_settings_stop_before_any_work(make_cfg, tmp_path, overrides
     refused = user_error(raised.value)  # what the CLI prints (instantiate wraps constructors' errors)
     assert refused is not None and expected in str(refused) and "\n" not in str(refused), raised.value
     assert not list(cache.rglob("*")), "the run trained a model before refusing"
-    assert not files_under(tmp_path / "out"), "a refused run wrote into its output folder"
+    assert_only_hydra_files(tmp_path / "out")
 
 
 def test_unwritable_output_folder_is_refused(make_cfg, tmp_path):
@@ -439,6 +421,93 @@ def test_a_worker_error_stays_one_line(tmp_path):
         next(iter(data.train_dataloader()))
     assert str(refused.value).startswith(f"image file {root}/train/cat/0.jpg cannot be decoded")
     assert "\n" not in str(refused.value)
+
+
+# ---------------------------------------------------------------- misspelled keys, keywords kd sets itself
+
+
+def test_a_misspelled_key_is_one_line_naming_the_closest_keys_of_its_group(tmp_path):
+    result = run_cli("optim.learning_rate=0.1", cwd=tmp_path, cache_dir=tmp_path / "cache")
+    assert_refused(result, "error: optim.learning_rate=0.1 is not a key of optim; closest: optim.lr,", tmp_path)
+    assert "python run.py --cfg job" in result.stderr and "+optim" not in result.stderr  # never Hydra's advice
+    assert not files_under(tmp_path)  # refused before Hydra made anything
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["data.batchsize=32"], "data.batchsize=32 is not a key of data; closest: data.batch_size,"),
+        (["sed=1"], "sed=1 is not a key at the top of the config; closest: seed,"),
+        (["optim=adamw", "optim.momentum=0.9"], "optim.momentum=0.9 is not a key of optim; closest: optim."),
+        (
+            ["trainer.max_epoch=3", "optim.lr=0.2,0.3"],
+            "trainer.max_epoch=3 is not a key of trainer; closest: trainer.max_epochs",
+        ),
+        (
+            ["teacher=timm", "teacher.model=resnet10t", "teacher.arch.drop_rat=0.1"],
+            "(+teacher.arch.drop_rat=0.1 passes a new keyword to the model's builder)",
+        ),
+    ],
+)
+def test_unknown_keys_are_refused_before_hydra_composes(overrides, expected):
+    with pytest.raises(KdError) as refused:
+        check_overrides(overrides)
+    assert expected in str(refused.value) and "--cfg job" in str(refused.value)
+
+
+def test_keys_that_exist_or_are_added_on_purpose_pass():
+    check_overrides(["teacher=timm", "teacher.model=resnet10t", "+teacher.arch.drop_rate=0.1", "teacher.weights=none"])
+    check_overrides(["optim=adamw,sgd", "optim.momentum=0.5"])  # the key of one swept option: Hydra checks each job
+    check_overrides(["experiment=cifar100_kd", "sched.milestones=[1,2]", "data.classes=10", "optim.lr=0.1,0.2"])
+
+
+def test_kd_distill_refuses_an_unknown_key_the_same_way():
+    import kd
+
+    loader = torch.utils.data.DataLoader([(torch.zeros(1, 8, 8), 0)])
+    with pytest.raises(KdError, match=r"^optim.learning_rate=0.1 is not a key of optim; closest: optim.lr,"):
+        kd.distill(torch.nn.Linear(64, 10), torch.nn.Linear(64, 10), loader, loader, optim={"learning_rate": 0.1})
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (
+            ["teacher=timm", "teacher.model=resnet10t", "+teacher.arch.num_classes=0"],
+            "teacher.arch.num_classes=0 makes an embedding teacher (features, no logits), and HintonKD compares "
+            "logits: it needs a feature loss, e.g. loss=feature_kd",
+        ),
+        (
+            ["student=timm", "student.model=resnet10t", "+student.arch.num_classes=5"],
+            "student.arch.num_classes=5 cannot be given to a timm model (kd builds the classifier for the dataset's",
+        ),
+        (
+            ["teacher=timm", "teacher.model=resnet10t", "+teacher.arch.pretrained=true"],
+            "teacher.arch.pretrained=True cannot be given to a timm model (kd loads the weights itself: set "
+            "teacher.weights=pretrained",
+        ),
+        (
+            ["student=torchvision", "student.model=alexnet", "+student.arch.in_chans=1"],
+            "student.arch.in_chans=1 cannot be given to a torchvision model (torchvision's models read 3-channel "
+            "images; name the model with student=timm",
+        ),
+    ],
+)
+def test_keywords_kd_passes_itself_are_refused_in_one_sentence(make_cfg, tmp_path, overrides, expected):
+    with pytest.raises(KdError) as refused:
+        fit(make_cfg(*overrides), task="distill")
+    assert expected in str(refused.value)
+    assert_only_hydra_files(tmp_path / "out")
+
+
+def test_the_model_builders_refuse_those_keywords_too():
+    from kd.models.arch import TimmArch, TorchvisionArch
+
+    with pytest.raises(KdError, match=r"^num_classes=0 cannot be given to a timm model \(kd builds the classifier"):
+        TimmArch("resnet10t", num_classes=0)
+    with pytest.raises(KdError, match=r"^pretrained=True cannot be given to a torchvision model"):
+        TorchvisionArch("alexnet", pretrained=True)
+    assert TimmArch("resnet10t", in_chans=1).build(10).conv1[0].in_channels == 1  # timm's in_chans is kd's too
 
 
 def test_pretrained_weights_of_a_model_without_published_ones_are_refused(tmp_path):
