@@ -62,7 +62,7 @@ def assert_refused(result, expected: str, out: Path, cache: Path | None = None) 
     [
         (["teacher=nosuch"], "error: teacher=nosuch is unknown; python -m kd.zoo lists the zoo"),
         (["student=resnet_nope"], "error: student=resnet_nope is unknown; did you mean resnet"),
-        (["loss=nosuch"], "error: loss=nosuch is unknown; choose one of at, ce, crd, dist, dkd, dml, fitnet, js, kd, "),
+        (["loss=nosuch"], "error: loss=nosuch is unknown; choose one of at, ce, crd, deit, dist, dkd, dml, feature_kd, fitnet, hard_kd, js, kd, "),
         (["data=imagenett"], "error: data=imagenett is unknown; choose one of cifar10, cifar100, digits, fake"),
         (["-m", "loss=kd,nosuch"], "error: loss=nosuch is unknown; choose one of "),
     ],
@@ -474,8 +474,8 @@ def test_kd_distill_refuses_an_unknown_key_the_same_way():
     [
         (
             ["teacher=timm", "teacher.model=resnet10t", "+teacher.arch.num_classes=0"],
-            "teacher.arch.num_classes=0 makes an embedding teacher (features, no logits), and HintonKD compares "
-            "logits: it needs a feature loss, e.g. loss=feature_kd",
+            "loss=kd compares class predictions, but teacher.arch.num_classes=0 gives features only; use "
+            "loss=feature_kd",
         ),
         (
             ["student=timm", "student.model=resnet10t", "+student.arch.num_classes=5"],
@@ -503,8 +503,11 @@ def test_keywords_kd_passes_itself_are_refused_in_one_sentence(make_cfg, tmp_pat
 def test_the_model_builders_refuse_those_keywords_too():
     from kd.models.arch import TimmArch, TorchvisionArch
 
-    with pytest.raises(KdError, match=r"^num_classes=0 cannot be given to a timm model \(kd builds the classifier"):
-        TimmArch("resnet10t", num_classes=0)
+    with pytest.raises(KdError, match=r"^pretrained=True cannot be given to a timm model \(kd loads the weights"):
+        TimmArch("resnet10t", pretrained=True)
+    with pytest.raises(KdError, match=r"^arch.num_classes=-3 must be 0 \(features only\) or a class count"):
+        TimmArch("resnet10t", num_classes=-3)
+    assert TimmArch("resnet10t", num_classes=0).build(10).num_classes == 0  # an embedding teacher's network
     with pytest.raises(KdError, match=r"^pretrained=True cannot be given to a torchvision model"):
         TorchvisionArch("alexnet", pretrained=True)
     assert TimmArch("resnet10t", in_chans=1).build(10).conv1[0].in_channels == 1  # timm's in_chans is kd's too
@@ -636,7 +639,7 @@ EMBEDDING_TEACHER = [
         (["loss=feature_kd", "loss.distance=l1"], "loss.distance=l1 is unknown; use cosine or mse"),
         (["loss=feature_kd", "loss.weight=-1"], "loss.weight=-1 must not be negative"),
         (["loss=feature_kd", "loss.teacher_layers=[block.0]"], "did you mean blocks.0"),
-        (["loss=feature_kd", "+teacher.arch.num_classes=-3"], "arch.num_classes=-3 must be 0 (features only) or a"),
+        (["loss=feature_kd", "+teacher.arch.num_classes=-3"], "teacher.arch.num_classes=-3 cannot be given to a timm"),
     ],
 )
 def test_bad_embedding_teacher_settings_stop_before_any_work(make_cfg, tmp_path, overrides, expected):
