@@ -8,8 +8,10 @@ import time
 import lightning as L
 import torch
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from kd.data import ClassificationData
+from kd.data.augment import check_teacher_view
 from kd.data.unlabeled import check_labels_reach_loss, training_images
 from kd.module import DistillationModule
 from kd.results.best import best_record
@@ -61,6 +63,7 @@ def fit(cfg: DictConfig, task: str, given: Given | None = None) -> dict:
     wants_channels_last(cfg.student.get("channels_last", "auto"), torch.nn.Module())  # refuses a bad value now
     ema_decay = check_ema_decay(cfg.student.get("ema_decay")) if cfg.student.get("ema", False) else None
     mixup = instantiate(cfg.mixup) if cfg.get("mixup") else None  # checks the batch size before any work
+    teacher_view = check_teacher_view(str(OmegaConf.select(cfg, "teacher.view", default="consistent")))
     optimizer = optimizer_factory(cfg)
     scheduler = instantiate(cfg.sched) if cfg.get("sched") else None
     data = given.data if given.data is not None else build_data(cfg, cfg.student)
@@ -69,6 +72,8 @@ def fit(cfg: DictConfig, task: str, given: Given | None = None) -> dict:
                  data.num_unlabeled)  # fmt: skip
         data = data.labeled_only()
     check_labels_reach_loss(data, loss)
+    if task == "distill" and loss.uses_teacher and isinstance(data, ClassificationData):
+        data.teacher_view = teacher_view  # the teacher's own images travel in the batches (kd.data.augment)
     throughput, history = TrainThroughput(), ValidationHistory()
     card_callback = CardInCheckpoint(None)
     trainer = build_trainer(cfg, out, [throughput, history, card_callback])
