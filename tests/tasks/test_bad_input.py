@@ -18,8 +18,8 @@ from kd.launch.run import user_error
 from kd.losses import DistillationLoss
 from kd.tasks.checks import check_loss_gives_gradient, check_run_length
 from kd.tasks.common import build_data, build_trainer
+from kd.tasks.models import build_teacher_model
 from kd.tasks.train import fit
-from kd.teachers.build import build_teacher_model
 from tests.conftest import FAST, run_cli
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
@@ -439,6 +439,15 @@ def test_a_worker_error_stays_one_line(tmp_path):
         next(iter(data.train_dataloader()))
     assert str(refused.value).startswith(f"image file {root}/train/cat/0.jpg cannot be decoded")
     assert "\n" not in str(refused.value)
+
+
+def test_pretrained_weights_of_a_model_without_published_ones_are_refused(tmp_path):
+    """IGC V1, ShuffleNet V1 and the Residual Attention Network have no published PyTorch weights (the student's
+    refusal, the same sentence, is tested in tests/models/test_seed_zoo_rows.py)."""
+    args = ("data=fake", "teacher=attention92", "teacher.weights=pretrained")
+    result = run_cli(*args, cwd=tmp_path, cache_dir=tmp_path / "cache")
+    assert_refused(result, "has no published PyTorch weights (the authors released", tmp_path, tmp_path / "cache")
+    assert "weights=none" in result.stderr.strip().splitlines()[-1]
 
 
 # ---------------------------------------------------------------- strong augmentation and teacher.view
