@@ -450,6 +450,38 @@ def test_pretrained_weights_of_a_model_without_published_ones_are_refused(tmp_pa
     assert "weights=none" in result.stderr.strip().splitlines()[-1]
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("quantize.method=int4", "quantize.method=int4 is unknown; use qad"),
+        ("quantize.epochs=-1", "quantize.epochs=-1 must be a whole number of epochs, 0 or more"),
+        ("quantize.calibration_batches=0", "quantize.calibration_batches=0 must be at least 1"),
+        ("quantize.calibration_batches=-3", "quantize.calibration_batches=-3 must be at least 1"),
+        ("quantize.lr_scale=0", "quantize.lr_scale=0 must be positive"),
+    ],
+)
+def test_bad_quantize_settings_are_refused_before_any_work(make_cfg, tmp_path, override, message):
+    from kd.tasks.quantize import quantize
+
+    with pytest.raises(KdError, match=message):
+        quantize(make_cfg("task=quantize", override))
+    assert not (tmp_path / "out").exists()  # refused before the output folder is made
+
+
+def test_quantize_run_without_a_finished_run_is_refused(make_cfg, tmp_path):
+    from kd.tasks.quantize import quantize
+
+    with pytest.raises(KdError, match=f"quantize.run={tmp_path} holds no finished kd run"):
+        quantize(make_cfg("task=quantize", f"quantize.run={tmp_path}"))
+
+
+def test_quantize_refuses_an_onnx_student(make_cfg, tmp_path):
+    from kd.tasks.quantize import quantize
+
+    with pytest.raises(KdError, match="is an exported file, which kd cannot fine-tune or re-quantize"):
+        quantize(make_cfg("task=quantize", f"student.weights={tmp_path / 'student.int8.onnx'}"))
+
+
 # ---------------------------------------------------------------- strong augmentation and teacher.view
 
 
