@@ -13,7 +13,7 @@ from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassCalibrationError
 
-from kd.data.batches import unpack_batch
+from kd.data.batches import teacher_images, unpack_batch
 from kd.data.mixup import BatchMixup
 from kd.errors import KdError, NonFiniteError
 from kd.losses.base import DistillationLoss, Features
@@ -142,13 +142,18 @@ class DistillationModule(L.LightningModule):
         images, target, view_ids = unpack_batch(
             batch, self.student.preprocessing.in_chans, self.num_classes, not batch_idx
         )
+        # teacher.view=fixed / independent: the teacher's own images of the same samples; else the student's tensor.
+        own = teacher_images(batch, images) if self.loss.uses_teacher else None
         if self.mixup is not None:  # once, here: the teacher and the student get the same mixed tensor
             key = (self.global_rank, self.current_epoch, batch_idx)
+            if own is not None:  # the same key: the same pairs, weights and boxes on the teacher's images
+                own, _ = self.mixup(own, target, self.num_classes, key)
             images, target = self.mixup(images, target, self.num_classes, key)
         if self.channels_last:
             images = to_channels_last(images)
         stages = self.loss.feature_stages()
-        teacher_logits, teacher_features = self.teacher_outputs(images, view_ids, stages.teacher)
+        teacher_input = images if own is None else own
+        teacher_logits, teacher_features = self.teacher_outputs(teacher_input, view_ids, stages.teacher)
         if stages.student:
             student_logits, student_features = self.student.forward_with_features(images, stages.student)
         else:

@@ -9,6 +9,7 @@ import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from kd.data.augment import Augment
 from kd.data.sampling import (
     RatioSampler,
     ResumableSampler,
@@ -31,6 +32,11 @@ class ClassificationData(L.LightningDataModule):
     ``(images, targets, view_ids)``: ``view_ids`` holds (sample index, epoch) per image, the key of its view.
     Validation batches are ``(images, targets)``: their views have no randomness.
 
+    Every data module takes the strong-augmentation options of ``kd.data.augment`` (``auto_augment``, ``re_prob``,
+    ``re_mode``, ``re_count``, ``color_jitter``, ``scale``, ``ratio``), kept in ``augment``; its training views apply
+    them. ``teacher_view`` (``consistent``, ``fixed``, ``independent``) decides whether training batches also carry
+    the teacher's own images (``kd.data.sampling.SeededViews``).
+
     Every data module takes the unlabeled-data options of ``kd.data.unlabeled`` (``unlabeled``,
     ``unlabeled_ratio``, ``labeled_fraction`` with ``split_seed``, ``bad_images`` for the unlabeled folder);
     its ``setup`` ends with ``add_unlabeled``. A training target of -1 means "no label".
@@ -50,8 +56,20 @@ class ClassificationData(L.LightningDataModule):
         labeled_fraction: float = 1.0,
         split_seed: int = 0,
         bad_images: str = "stop",
+        auto_augment: str | None = None,
+        re_prob: float = 0.0,
+        re_mode: str = "pixel",
+        re_count: int = 1,
+        color_jitter: float | list[float] | None = None,
+        scale: list[float] | None = None,
+        ratio: list[float] | None = None,
     ) -> None:
         super().__init__()
+        # Strong augmentation of the training views (kd.data.augment), checked here: before any work.
+        self.augment = Augment(auto_augment, re_prob, re_mode, re_count, color_jitter, scale, ratio)
+        self.augment.log_choices()
+        #: What the teacher sees (teacher.view, kd.data.augment): set by the task before training starts.
+        self.teacher_view = "consistent"
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.num_workers = num_workers
@@ -110,6 +128,17 @@ class ClassificationData(L.LightningDataModule):
         data.unlabeled_ratio = None
         return data
 
+    def plain_views(self) -> ClassificationData:
+        """This data without the strong augmentation (``augment``): ``weights: auto`` pretrains on these views."""
+        if self.augment == Augment():
+            return self
+        data = copy.copy(self)
+        data.augment = Augment()
+        for name in ("train_set", "val_set"):
+            data.__dict__.pop(name, None)
+        data.setup("fit")
+        return data
+
     def samples_per_process(self, num_replicas: int) -> int:
         """Training samples each process loads per epoch (before the DataLoader drops a short last batch)."""
         if self.ratio_mode():
@@ -147,7 +176,8 @@ class ClassificationData(L.LightningDataModule):
         else:
             sampler = ResumableSampler(self.train_set, num_replicas, rank, seed=seed, start_epoch=start_epoch,
                                        skip=skip)  # fmt: skip
-        return self.loader(SeededViews(self.train_set, sampler.seed), sampler, sampler.num_samples, train=True)
+        views = SeededViews(self.train_set, sampler.seed, self.teacher_view)
+        return self.loader(views, sampler, sampler.num_samples, train=True)
 
     def loader(self, dataset: Dataset, sampler: Sampler | None, per_process: int, train: bool) -> DataLoader:
         return DataLoader(

@@ -6,6 +6,7 @@ import torch
 from torchvision import datasets
 from torchvision.transforms import v2 as T
 
+from kd.data.augment import TrainView, strong_tail
 from kd.data.base import ClassificationData
 from kd.errors import KdError
 
@@ -43,7 +44,12 @@ class CifarData(ClassificationData):
         if hasattr(self, "train_set"):
             return
         to_float = [T.ToImage(), T.ToDtype(torch.float32, scale=True)]
-        train = T.Compose([T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), *to_float])
+        crop = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()]
+        if self.augment.scale is not None or self.augment.ratio is not None:  # a random-resized crop asked for
+            scale, ratio = self.augment.scale or (0.08, 1.0), self.augment.ratio or (3 / 4, 4 / 3)
+            crop = [T.RandomResizedCrop(32, scale=scale, ratio=ratio), T.RandomHorizontalFlip()]
+        tail = strong_tail(self.augment, 32, 3) if self.augment.strong else to_float
+        train = TrainView(T.Compose([*crop, *tail]), T.Compose(to_float))  # fixed: the 32x32 image itself
         self.train_set = self.dataset(self.root, train=True, transform=train)
         self.val_set = self.dataset(self.root, train=False, transform=T.Compose(to_float))
         self.class_names = list(self.train_set.classes)

@@ -11,6 +11,7 @@ from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 from torchvision.transforms import v2 as T
 
+from kd.data.augment import StrongTensorView, fixed_view_wanted
 from kd.data.base import ClassificationData
 
 
@@ -24,38 +25,54 @@ def shift(image: torch.Tensor, max_shift: int) -> torch.Tensor:
     return torch.nn.functional.pad(image, (pad, pad, pad, pad))[:, dy : dy + 8, dx : dx + 8]
 
 
+def training_view(image: torch.Tensor, max_shift: int, strong: StrongTensorView | None) -> torch.Tensor:
+    """The shift, then the strong augmentation (``kd.data.augment``); the image as it is for the teacher's fixed
+    view (``teacher.view=fixed``): digits are already centred, so that is the un-augmented view."""
+    if fixed_view_wanted():
+        return image
+    image = shift(image, max_shift)
+    return strong(image) if strong is not None else image
+
+
 class DigitsView:
     """A picture file as a digits training sample (for ``data.unlabeled``): grayscale, 8x8, ink bright (the
-    darker the pixel, the higher its value, as in the digits set), then the training shift."""
+    darker the pixel, the higher its value, as in the digits set), then the training shift and augmentation."""
 
-    def __init__(self, max_shift: int) -> None:
+    def __init__(self, max_shift: int, strong: StrongTensorView | None = None) -> None:
         self.max_shift = max_shift
+        self.strong = strong
         self.resize = T.Compose([T.Grayscale(), T.Resize((8, 8), antialias=True), T.ToImage()])
 
     def __call__(self, picture: Image.Image) -> torch.Tensor:
         pixels = self.resize(picture).float() / 255.0
-        return shift(1.0 - pixels, self.max_shift)
+        return training_view(1.0 - pixels, self.max_shift, self.strong)
 
     def __repr__(self) -> str:
-        return f"DigitsView(grayscale, 8x8, inverted, max_shift={self.max_shift})"
+        strong = f", {self.strong!r}" if self.strong is not None and self.strong.active else ""
+        return f"DigitsView(grayscale, 8x8, inverted, max_shift={self.max_shift}{strong})"
 
 
 class ShiftedDigits(Dataset):
-    """Digits as float tensors in [0, 1]; for training, each image shifted by up to ``max_shift`` pixels."""
+    """Digits as float tensors in [0, 1]; for training, each image shifted by up to ``max_shift`` pixels, then
+    strongly augmented when ``strong`` is given (``kd.data.augment``)."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, max_shift: int = 0) -> None:
+    def __init__(
+        self, images: torch.Tensor, labels: torch.Tensor, max_shift: int = 0, strong: StrongTensorView | None = None
+    ) -> None:
         self.images = images
         self.labels = labels
         self.max_shift = max_shift
+        self.strong = strong if strong is not None and strong.active else None
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return shift(self.images[index], self.max_shift), int(self.labels[index])
+        return training_view(self.images[index], self.max_shift, self.strong), int(self.labels[index])
 
     def __repr__(self) -> str:
-        return f"ShiftedDigits(images={len(self)}, max_shift={self.max_shift})"
+        strong = f", {self.strong!r}" if self.strong is not None else ""
+        return f"ShiftedDigits(images={len(self)}, max_shift={self.max_shift}{strong})"
 
 
 class DigitsData(ClassificationData):
@@ -89,6 +106,7 @@ class DigitsData(ClassificationData):
             random_state=self.split_seed,
             stratify=digits.target,
         )
-        self.train_set = ShiftedDigits(images[train_idx], labels[train_idx], self.max_shift)
+        strong = StrongTensorView(self.augment, size=8, channels=1)
+        self.train_set = ShiftedDigits(images[train_idx], labels[train_idx], self.max_shift, strong)
         self.val_set = ShiftedDigits(images[val_idx], labels[val_idx])
-        self.add_unlabeled(DigitsView(self.max_shift))
+        self.add_unlabeled(DigitsView(self.max_shift, strong))

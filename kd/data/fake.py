@@ -6,6 +6,7 @@ import torch
 from torchvision.datasets import FakeData
 from torchvision.transforms import v2 as T
 
+from kd.data.augment import StrongTensorView, TrainView
 from kd.data.base import ClassificationData
 
 
@@ -57,6 +58,8 @@ class FakeImageData(ClassificationData):
             return
         size = self.image_size or 32
         view = T.Compose([T.ToImage(), T.ToDtype(torch.float32, scale=True)])
-        self.train_set = SeededFakeData(self.train_size, (3, size, size), self.num_classes, view, random_offset=0)
+        strong = StrongTensorView(self.augment, size, channels=3)
+        train = TrainView(T.Compose([view, strong]), view) if strong.active else view  # fixed: the image itself
+        self.train_set = SeededFakeData(self.train_size, (3, size, size), self.num_classes, train, random_offset=0)
         self.val_set = SeededFakeData(self.val_size, (3, size, size), self.num_classes, view, random_offset=10**6)
-        self.add_unlabeled(T.Compose([T.Resize((size, size), antialias=True), view]))
+        self.add_unlabeled(T.Compose([T.Resize((size, size), antialias=True), train]))

@@ -17,6 +17,7 @@ from typing import Any
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from kd.data.augment import TrainView
 from kd.data.base import ClassificationData
 from kd.data.image_files import BAD_IMAGE_POLICIES, BadImage, image_problems, load_rgb, readable_samples, visible
 from kd.data.transforms import eval_view, train_view
@@ -142,8 +143,10 @@ class ImageFolderData(ClassificationData):
         if hasattr(self, "train_set"):
             return
         size = self.image_size or 224
-        self.train_set = self.split("train", train_view(size, self.interpolation))
-        self.val_set = self.split("val", eval_view(size, self.interpolation, self.crop_pct))
+        val_view = eval_view(size, self.interpolation, self.crop_pct)
+        # The teacher's fixed view (teacher.view=fixed) is the validation view of the training image.
+        self.train_set = self.split("train", TrainView(train_view(size, self.interpolation, self.augment), val_view))
+        self.val_set = self.split("val", val_view)
         self.add_unlabeled(self.train_set.transform)
 
     def own_view_set(self, image_size: int, interpolation: str, crop_pct: float) -> CheckedImageFolder | None:

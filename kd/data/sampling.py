@@ -13,6 +13,7 @@ import math
 import os
 import random
 from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -20,12 +21,16 @@ import torch
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import Dataset, DistributedSampler, Sampler
 
+from kd.data.augment import check_teacher_view, fixed_views
 from kd.errors import KdError
 
 #: Written into every teacher-output cache manifest: change it whenever the seeding below changes.
 SEEDING = (
-    "order: DistributedSampler(seed, epoch); view: torch default generator seeded by SeedSequence(seed, epoch, index)"
+    "order: DistributedSampler(seed, epoch); view: torch default generator, Python random and NumPy seeded by "
+    "SeedSequence(seed, epoch, index); independent teacher view: SeedSequence(seed, epoch, index, 1)"
 )
+#: The seed stream of the student's views, and that of the teacher's own views under ``teacher.view=independent``.
+STUDENT_STREAM, TEACHER_STREAM = 0, 1
 #: The epoch in the view id of a sample loaded by a plain index, without reseeding.
 UNSEEDED = -1
 
@@ -35,9 +40,31 @@ def run_seed() -> int:
     return int(os.environ.get("PL_GLOBAL_SEED", 0))
 
 
-def view_seed(seed: int, epoch: int, index: int) -> int:
-    """A well-mixed 64-bit seed for the view of sample ``index`` in ``epoch``."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0])
+def view_seed(seed: int, epoch: int, index: int, stream: int = STUDENT_STREAM) -> int:
+    """A well-mixed 64-bit seed for the view of sample ``index`` in ``epoch``; ``stream`` 1 gives the teacher's
+    independent views (``teacher.view=independent``) from a sequence of their own."""
+    key = [seed, epoch, index] if stream == STUDENT_STREAM else [seed, epoch, index, stream]
+    return int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0])
+
+
+@contextmanager
+def restored_random_states() -> Iterator[None]:
+    """Torch's CPU generator, Python's ``random`` and NumPy's global state as they were before the block."""
+    generator = torch.default_generator  # CPU only: seeding CUDA here would disturb the model's RNG
+    saved = generator.get_state(), random.getstate(), np.random.get_state()
+    try:
+        yield
+    finally:
+        generator.set_state(saved[0])
+        random.setstate(saved[1])
+        np.random.set_state(saved[2])
+
+
+def seed_all(seed: int) -> None:
+    """Seeds every generator a view transform may draw from: torch's (torchvision), Python's and NumPy's (timm)."""
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed([seed & 0xFFFFFFFF, seed >> 32])
 
 
 class ResumableSampler(DistributedSampler):
@@ -70,71 +97,81 @@ class ResumableSampler(DistributedSampler):
 
 
 class SeededViews(Dataset):
-    """Draws the view of ``(index, epoch)`` from torch's RNG seeded by (seed, epoch, index).
+    """Draws the view of ``(index, epoch)`` with every random generator seeded by (seed, epoch, index).
 
-    Transforms that take their randomness from torch's global RNG (torchvision's all do) then give the same view
-    for the same sample and epoch wherever it is loaded. The caller's RNG state is restored afterwards.
-    ``views[(index, epoch)]`` is ``(image, target, view_id)`` with ``view_id = tensor([index, epoch])``, so each
-    training batch carries the ids of its views (a cached teacher looks its outputs up by them). A plain integer
-    key (a sequential sampler that Lightning swaps in for ``overfit_batches``) loads the sample without
-    reseeding; its view id has epoch -1: "not a seeded view".
+    Transforms that draw from torch's generator (torchvision), Python's ``random`` or NumPy's global state (timm's
+    auto-augment and random erasing) then give the same view for the same sample and epoch wherever it is loaded.
+    The caller's generator states are restored afterwards. ``views[(index, epoch)]`` is ``(image, target, view_id)``
+    with ``view_id = tensor([index, epoch])``, so each training batch carries the ids of its views (a cached teacher
+    looks its outputs up by them). A plain integer key (a sequential sampler that Lightning swaps in for
+    ``overfit_batches``) loads the sample without reseeding; its view id has epoch -1: "not a seeded view".
+
+    ``teacher_view`` (``kd.data.augment``): with ``fixed`` or ``independent`` each sample also carries the teacher's
+    image, ``(image, target, view_id, teacher_image)``: the un-augmented view (``fixed_views``), or a view seeded by
+    (seed, epoch, index) from the teacher's own stream.
     """
 
-    def __init__(self, dataset: Dataset, seed: int) -> None:
+    def __init__(self, dataset: Dataset, seed: int, teacher_view: str = "consistent") -> None:
         self.dataset = dataset
         self.seed = seed
+        self.teacher_view = check_teacher_view(teacher_view)
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, Any, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, ...]:
         return self.__getitems__([key])[0]
 
-    def __getitems__(self, keys: list[int | tuple[int, int]]) -> list[tuple[Any, Any, torch.Tensor]]:
-        """A whole batch (the DataLoader calls this when it exists): the generator's state is saved and restored
+    def __getitems__(self, keys: list[int | tuple[int, int]]) -> list[tuple[Any, ...]]:
+        """A whole batch (the DataLoader calls this when it exists): the generators' states are saved and restored
         once per batch instead of once per sample."""
-        if all(isinstance(key, int) for key in keys):  # unseeded: draw from the generator as it stands
-            return [(*self.dataset[key], torch.tensor([key, UNSEEDED])) for key in keys]
-        generator = torch.default_generator  # CPU only: seeding CUDA here would disturb the model's RNG
-        state = generator.get_state()
-        samples = []
-        try:
-            for key in keys:
-                if isinstance(key, int):
-                    samples.append((*self.dataset[key], torch.tensor([key, UNSEEDED])))
-                    continue
-                index, epoch = key
-                generator.manual_seed(view_seed(self.seed, epoch, index))
-                image, target = self.dataset[index]
-                samples.append((image, target, torch.tensor([index, epoch])))
-        finally:
-            generator.set_state(state)
-        return samples
+        if all(isinstance(key, int) for key in keys):  # unseeded: draw from the generators as they stand
+            return [self.sample(key, UNSEEDED) for key in keys]
+        with restored_random_states():
+            return [self.sample(key, UNSEEDED) if isinstance(key, int) else self.sample(*key) for key in keys]
+
+    def sample(self, index: int, epoch: int) -> tuple[Any, ...]:
+        if epoch != UNSEEDED:
+            seed_all(view_seed(self.seed, epoch, index))
+        image, target = self.dataset[index]
+        view_id = torch.tensor([index, epoch])
+        if self.teacher_view == "consistent":
+            return image, target, view_id
+        if self.teacher_view == "fixed":
+            with fixed_views():
+                teacher_image = self.dataset[index][0]
+        else:
+            if epoch != UNSEEDED:
+                seed_all(view_seed(self.seed, epoch, index, TEACHER_STREAM))
+            teacher_image = self.dataset[index][0]
+        return image, target, view_id, teacher_image
 
     def describe(self) -> str:
         """What decides the views besides (seed, epoch, index): the transform (or the dataset) and the seeding."""
         transform = getattr(self.dataset, "transform", None)
-        return f"{transform if transform is not None else self.dataset!r} | {SEEDING}"
+        view = "" if self.teacher_view == "consistent" else f" | teacher.view={self.teacher_view}"
+        return f"{transform if transform is not None else self.dataset!r} | {SEEDING}{view}"
 
 
 def check_reproducible(views: SeededViews, probes: int = 2) -> None:
     """Builds a few views twice, with every global random generator disturbed in between, and stops with one
-    sentence when they differ (a transform drawing from Python's or NumPy's generator instead of torch's)."""
+    sentence when they differ (a transform drawing from a generator of its own, which kd cannot seed)."""
     saved = random.getstate(), np.random.get_state(), torch.get_rng_state()
     try:
         for index in range(min(probes, len(views))):
-            first = views[(index, 0)][0]
+            first = views[(index, 0)]
             random.seed(random.random())
             np.random.seed(np.random.randint(2**31))
             torch.default_generator.manual_seed(int(torch.randint(2**31, (1,))))
-            again = views[(index, 0)][0]
-            if not torch.equal(torch.as_tensor(first), torch.as_tensor(again)):
+            again = views[(index, 0)]
+            images = [(first[0], again[0])] + ([(first[3], again[3])] if len(first) > 3 else [])
+            if not all(torch.equal(torch.as_tensor(a), torch.as_tensor(b)) for a, b in images):
                 transform = views.describe().split(" | ")[0].replace("\n", " ")
                 raise KdError(
                     f"the training transform gave two different views of sample {index} for the same seed "
-                    f"({transform}); it draws random numbers outside torch's generator (Python random or NumPy), so "
-                    "its views cannot be rebuilt for the teacher-output cache: use torchvision transforms or "
-                    "teacher.cache=null"
+                    f"({transform}); it draws random numbers from a generator of its own, outside the ones kd seeds "
+                    "per view (torch's, Python's random, NumPy's global state), so its views cannot be rebuilt for "
+                    "the teacher-output cache: use torchvision or timm transforms or teacher.cache=null"
                 )
     finally:
         random.setstate(saved[0])

@@ -35,6 +35,9 @@ log = logging.getLogger("kd")
 # Data settings that change what the model learns; loader settings (workers) do not, nor do the unlabeled images
 # (pretraining trains on the labeled images alone, see kd.data.unlabeled).
 DATA_KEYS_IGNORED = ("num_workers", "eval_batch_size", "unlabeled", "unlabeled_ratio")
+# Nor the strong augmentation (kd.data.augment): pretraining uses the data's plain views, so the teacher and the
+# student of an augmentation sweep are the ones the plain runs use.
+DATA_KEYS_IGNORED += ("auto_augment", "re_prob", "re_mode", "re_count", "color_jitter", "scale", "ratio")
 # Left out of the key at these values, so weights cached before these settings existed keep their key.
 DATA_DEFAULTS_IGNORED = {"labeled_fraction": 1.0, "bad_images": "stop"}
 
@@ -114,7 +117,8 @@ class AutoWeights:
                 num_sanity_val_steps=0,
                 check_val_every_n_epoch=recipe.epochs,
             )  # validate once, at the end
-            trainer.fit(module, datamodule=self.data.labeled_only())  # no unlabeled image, no hidden label
+            # No unlabeled image, no hidden label, no strong augmentation.
+            trainer.fit(module, datamodule=self.data.plain_views().labeled_only())
         top1, seconds = float(trainer.callback_metrics["student/top1"]), time.perf_counter() - start
         write_safetensors(student, card_for(student, self.data, model=model_cfg.name), path)
         write_json_atomic(

@@ -8,8 +8,9 @@ import time
 
 import lightning as L
 from hydra.utils import instantiate
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
+from kd.data.augment import check_teacher_view
 from kd.errors import KdError
 from kd.tasks.auto_weights import auto_weights
 from kd.tasks.checks import cache_refusals
@@ -29,7 +30,9 @@ def cache_teacher(cfg: DictConfig, epochs: int | None = None) -> dict:
     # Seeded as task=distill is, so a teacher with weights=none gets the same random weights (and fingerprint).
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     out = output_dir(cfg)
+    teacher_view = check_teacher_view(str(OmegaConf.select(cfg, "teacher.view", default="consistent")))
     data = build_data(cfg, cfg.student)
+    data.teacher_view = teacher_view  # the views the distill run's teacher will see
     obtain_auto = auto_weights(cfg, data)
     mixup = instantiate(cfg.mixup) if cfg.get("mixup") else None
     planned = planned_trainer(cfg)

@@ -12,9 +12,10 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from kd.data import ClassificationData
+from kd.data.augment import check_teacher_view
 from kd.data.mixup import BatchMixup
 from kd.data.unlabeled import check_labels_reach_loss, training_images
 from kd.losses.base import DistillationLoss
@@ -131,6 +132,7 @@ def prepare(cfg: DictConfig, task: str, given: Given) -> Run:
     wants_channels_last(cfg.student.get("channels_last", "auto"), torch.nn.Module())  # refuses a bad value now
     ema_decay = check_ema_decay(cfg.student.get("ema_decay")) if cfg.student.get("ema", False) else None
     mixup = instantiate(cfg.mixup) if cfg.get("mixup") else None  # checks the batch size before any work
+    teacher_view = check_teacher_view(str(OmegaConf.select(cfg, "teacher.view", default="consistent")))
     optimizer = optimizer_factory(cfg)
     scheduler = schedule_for(cfg)
     data = given.data if given.data is not None else build_data(cfg, cfg.student)
@@ -139,6 +141,8 @@ def prepare(cfg: DictConfig, task: str, given: Given) -> Run:
                  data.num_unlabeled)  # fmt: skip
         data = data.labeled_only()
     check_labels_reach_loss(data, loss)
+    if task == "distill" and loss.uses_teacher and isinstance(data, ClassificationData):
+        data.teacher_view = teacher_view  # the teacher's own images travel in the batches (kd.data.augment)
     throughput, history, card_callback = TrainThroughput(), ValidationHistory(), CardInCheckpoint(None)
     stopper = StopOnRequeueSignal()
     trainer = build_trainer(cfg, out, [throughput, history, card_callback, stopper])

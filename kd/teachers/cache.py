@@ -5,6 +5,9 @@ epoch e is the same in every run with the same data, transform and seed, whateve
 student. The cache stores, per view, the teacher's top-k logits in float16 and is shared by every
 run whose manifest matches: a sweep over losses runs the teacher once.
 
+Under ``teacher.view=fixed`` without mixup the teacher's input does not change with the epoch: the store then
+holds one record per image (``epoch-0000.npy``), which every epoch's lookup reads.
+
 Storage, per (epoch, sample), one record of a NumPy structured array (``epoch-0003.npy``, memory-mapped):
 
 - ``logits``: the k largest logits minus the row's largest one, float16 (the top-1 entry is 0, the
@@ -127,8 +130,18 @@ def differing_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
 class TeacherOutputStore:
     """One folder of stored teacher outputs for one identity (see the module docstring)."""
 
-    def __init__(self, folder: str | Path, identity: dict[str, Any], num_samples: int, num_classes: int, k: int):
+    def __init__(
+        self,
+        folder: str | Path,
+        identity: dict[str, Any],
+        num_samples: int,
+        num_classes: int,
+        k: int,
+        per_image: bool = False,
+    ):
         self.folder = Path(folder)
+        # teacher.view=fixed without mixup: one record per image (stored as epoch 0), whatever the batch's epoch.
+        self.per_image = per_image
         # Normalized through JSON, so it compares equal to the manifest's copy read back later.
         self.identity = json.loads(json.dumps(identity, sort_keys=True, default=str))
         self.num_samples = num_samples
@@ -144,7 +157,7 @@ class TeacherOutputStore:
         self._epochs: dict[int, np.ndarray] = {}
 
     @classmethod
-    def under(cls, root: str | Path, name: str, identity: dict[str, Any], **layout: int) -> TeacherOutputStore:
+    def under(cls, root: str | Path, name: str, identity: dict[str, Any], **layout: Any) -> TeacherOutputStore:
         """The store for ``identity`` inside the cache root: ``<root>/<name>-<hash of identity>``."""
         return cls(Path(root).expanduser() / f"{name}-{identity_key(identity)}", identity, **layout)
 
@@ -258,6 +271,8 @@ class TeacherOutputStore:
         """Full teacher logits for a batch's ``view_ids`` ((batch, 2): sample index, epoch)."""
         ids = view_ids.cpu().numpy()
         indices, epochs = ids[:, 0], ids[:, 1]
+        if self.per_image:  # the teacher's view does not change with the epoch: one record per image
+            epochs = np.zeros_like(epochs)
         if (epochs == epochs[0]).all():  # the usual case: a batch comes from one epoch
             records = self._records(int(epochs[0]))[indices]
         else:

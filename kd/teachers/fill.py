@@ -136,7 +136,7 @@ def teacher_identity(
             "classes": data.num_classes,
             "content": content_digest(data.train_set),
         },
-        "views": views.describe(),
+        "views": views.describe(),  # the teacher's view (teacher.view) is part of it when not the student's
         "seed": cache.seed,
         "k": k,
         "mixup": mixup_identity(mixup, data.batch_size, world_size),
@@ -173,8 +173,9 @@ def view_filler(teacher: FrozenTeacher, views: SeededViews, data: Classification
     def fill(epoch: int, write) -> None:
         keys = [(index, epoch) for index in range(len(views))]
         loader = DataLoader(views, batch_size=data.eval_batch_size, sampler=keys, num_workers=data.num_workers)
-        for images, _, view_ids in loader:
-            write(view_ids[:, 0].numpy(), run_teacher(teacher, images.to(fabric.device), fabric))
+        for batch in loader:
+            images = batch[3] if len(batch) > 3 else batch[0]  # the teacher's own view (teacher.view), if any
+            write(batch[2][:, 0].numpy(), run_teacher(teacher, images.to(fabric.device), fabric))
 
     return fill
 
@@ -194,7 +195,8 @@ def mixup_filler(
         filled = np.zeros(len(data.train_set), dtype=bool)
         for rank in range(world_size):
             loader = data.training_loader(world_size, rank, seed, start_epoch=epoch)
-            for batch_idx, (images, target, view_ids) in enumerate(loader):
+            for batch_idx, (images, target, view_ids, *own) in enumerate(loader):
+                images = own[0] if own else images  # the teacher's own view (teacher.view), mixed alike
                 images, target = images.to(fabric.device), target.to(fabric.device)
                 mixed, _ = mixup(images, target, data.num_classes, (rank, epoch, batch_idx))
                 indices = view_ids[:, 0].numpy()
@@ -234,13 +236,19 @@ def open_teacher_cache(
     mixup: BatchMixup | None = None,
     world_size: int = 1,
 ) -> tuple[TeacherOutputStore, list[int]]:
-    """The store for this run under ``cache.folder``, with epochs ``0 .. epochs-1`` written.
+    """The store for this run under ``cache.folder``, with epochs ``0 .. epochs-1`` written (one record per
+    image under ``teacher.view=fixed`` without mixup).
 
     Several processes (DDP ranks, parallel sweep jobs) may call it at once: the store's file lock lets the
     first one write each missing epoch while the others wait, then all of them read the same files."""
     seed = cache.seed
-    views = SeededViews(data.train_set, seed)
+    views = SeededViews(data.train_set, seed, data.teacher_view)
     check_reproducible(views)
+    # teacher.view=fixed: the teacher's input is the same in every epoch, so one record per image is enough;
+    # mixup makes it depend on the batch again (its partner and weight), so then it is stored per view.
+    per_image = data.teacher_view == "fixed" and mixup is None
+    if per_image:
+        epochs = 1
     k = resolve_topk(cache.topk, data.num_classes)
     identity = teacher_identity(cache, teacher, data, views, k, mixup, world_size)
     store = TeacherOutputStore.under(
@@ -250,6 +258,7 @@ def open_teacher_cache(
         num_samples=len(views),
         num_classes=data.num_classes,
         k=k,
+        per_image=per_image,
     )
     fabric = L.Fabric(accelerator=cache.accelerator, devices=1, precision=cache.precision)
     if mixup is None:

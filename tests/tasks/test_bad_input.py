@@ -62,7 +62,11 @@ def assert_refused(result, expected: str, out: Path, cache: Path | None = None) 
     [
         (["teacher=nosuch"], "error: teacher=nosuch is unknown; python -m kd.zoo lists the zoo"),
         (["student=resnet_nope"], "error: student=resnet_nope is unknown; did you mean resnet"),
-        (["loss=nosuch"], "error: loss=nosuch is unknown; choose one of at, ce, crd, deit, dist, dkd, dml, feature_kd, fitnet, hard_kd, js, kd, "),
+        (
+            ["loss=nosuch"],
+            "error: loss=nosuch is unknown; choose one of at, ce, crd, deit, dist, dkd, dml, feature_kd, fitnet, "
+            "function_matching, hard_kd, js, kd, ",
+        ),
         (["data=imagenett"], "error: data=imagenett is unknown; choose one of cifar10, cifar100, digits, fake"),
         (["-m", "loss=kd,nosuch"], "error: loss=nosuch is unknown; choose one of "),
     ],
@@ -578,6 +582,31 @@ def test_bad_deit_and_hard_kd_settings_stop_before_any_work(make_cfg, tmp_path, 
     refused = user_error(raised.value)
     assert refused is not None and expected in str(refused) and "\n" not in str(refused), raised.value
     assert len(str(refused)) < MAX_MESSAGE
+
+# ---------------------------------------------------------------- strong augmentation and teacher.view
+
+
+@pytest.mark.parametrize(
+    "override, expected",
+    [
+        ("data.auto_augment=randaug-m9", "data.auto_augment=randaug-m9 is not a timm auto-augment string; use e.g."),
+        ("data.auto_augment=rand-q9", "data.auto_augment=rand-q9 is not a timm auto-augment string"),
+        ("data.re_prob=1.5", "data.re_prob=1.5 must lie in [0, 1]"),
+        ("data.re_prob=-0.25", "data.re_prob=-0.25 must lie in [0, 1]"),
+        ("data.re_mode=blur", "data.re_mode=blur is not one of const, rand, pixel"),
+        ("data.color_jitter=-0.4", "data.color_jitter=-0.4 must be one number >= 0"),
+        ("data.scale=[0.8,0.2]", "data.scale=[0.8, 0.2] must be [min, max] with min <= max, both (0.0, 1.0]"),
+        ("data.ratio=[2.0]", "data.ratio=[2.0] must be two numbers [min, max]"),
+        ("teacher.view=same", "teacher.view=same is not one of consistent, fixed, independent"),
+    ],
+)
+def test_bad_augmentation_and_teacher_view_settings_stop_before_any_work(make_cfg, tmp_path, override, expected):
+    cache = tmp_path / "fresh-cache"
+    with pytest.raises(Exception) as raised:
+        fit(make_cfg(*FAST, f"paths.cache_dir={cache}", override), task="distill")
+    refused = user_error(raised.value)
+    assert refused is not None and str(refused).startswith(expected), raised.value
+    assert "\n" not in str(refused) and len(str(refused)) < MAX_MESSAGE
     assert not list(cache.rglob("*")), "the run trained a model before refusing"
     assert not files_under(tmp_path / "out"), "a refused run wrote into its output folder"
 
@@ -655,3 +684,10 @@ def test_bad_embedding_teacher_settings_stop_before_any_work(make_cfg, tmp_path,
     assert len(str(refused)) < MAX_MESSAGE
     assert not list(cache.rglob("*")), "the run trained a model before refusing"
     assert not files_under(tmp_path / "out"), "a refused run wrote into its output folder"
+
+def test_a_bad_teacher_view_on_the_command_line_exits_with_code_2_in_one_line(tmp_path):
+    result = run_cli("teacher.view=fixd", cwd=tmp_path, cache_dir=tmp_path / "cache")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: teacher.view=fixd is not one of consistent, fixed, independent; consistent is the default"
+    )

@@ -106,11 +106,19 @@ def test_crop_flip_and_colour_jitter_views_are_rebuilt(image_folder):
     assert "RandomResizedCrop" in views.describe() and "ColorJitter" in views.describe()
 
 
-def test_a_transform_drawing_from_python_random_is_refused(image_folder):
-    def python_random_flip(image):
+def test_a_transform_drawing_from_python_random_is_rebuilt_and_one_with_its_own_generator_refused(image_folder):
+    def python_random_flip(image):  # Python's global random: seeded per view since timm's ops draw from it
         return T.functional.horizontal_flip(image) if random.random() < 0.5 else image
 
     transform = T.Compose([T.ToImage(), T.Lambda(python_random_flip), T.ToDtype(torch.float32, scale=True)])
+    check_reproducible(SeededViews(ImageFolder(str(image_folder), transform=transform), seed=0), probes=6)
+
+    own = random.Random()  # a generator of its own: nothing kd seeds reaches it
+
+    def own_random_flip(image):
+        return T.functional.horizontal_flip(image) if own.random() < 0.5 else image
+
+    transform = T.Compose([T.ToImage(), T.Lambda(own_random_flip), T.ToDtype(torch.float32, scale=True)])
     views = SeededViews(ImageFolder(str(image_folder), transform=transform), seed=0)
-    with pytest.raises(KdError, match="outside torch's generator"):
+    with pytest.raises(KdError, match="draws random numbers from a generator of its own"):
         check_reproducible(views, probes=6)
