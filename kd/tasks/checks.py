@@ -20,6 +20,7 @@ from kd.errors import KdError
 from kd.losses.base import DistillationLoss
 from kd.teachers.ensemble import check_ensemble_loss
 from kd.teachers.fill import check_teacher_cache
+from kd.teachers.precision import resolve_precision
 from kd.training.steps import planned_steps
 
 log = logging.getLogger("kd")
@@ -101,6 +102,13 @@ def check_weights_given(cfg: DictConfig, loss: DistillationLoss) -> None:
             )
 
 
+def check_teacher_precision(cfg: DictConfig, loss: DistillationLoss, device_type: str) -> None:
+    """teacher.precision is a known value, and 16 is not asked of a CPU (``kd.teachers.precision``)."""
+    teacher = cfg.get("teacher")
+    if teacher is not None and loss.uses_teacher and teacher.get("precision") is not None:
+        resolve_precision(teacher.precision, device_type)
+
+
 def check_before_work(
     cfg: DictConfig,
     data: ClassificationData,
@@ -111,6 +119,7 @@ def check_before_work(
     check_schedule_numbers(cfg)
     check_weights_given(cfg, loss)
     check_loss_gives_gradient(loss, cfg.loss, data.num_classes)
+    check_teacher_precision(cfg, loss, trainer.strategy.root_device.type)
     check_teacher_cache(cfg, loss)  # the cache's own refusals, beside the cache (kd.teachers.fill)
     check_ensemble_loss(cfg.get("teacher"), loss)
     check_run_length(trainer, data, scheduler)

@@ -35,6 +35,7 @@ from kd.tasks.common import (
 from kd.tasks.given import Given
 from kd.teachers.ensemble import fingerprint_record
 from kd.teachers.fill import teacher_for_run
+from kd.teachers.precision import computed_precisions
 from kd.teachers.views import teacher_view_metrics
 from kd.training.resume import ResumePoint
 from kd.weights.names import model_label
@@ -127,6 +128,7 @@ def fit(cfg: DictConfig, task: str, given: Given | None = None) -> dict:
         "wall_time_s": round(time.perf_counter() - start, 3),
         "train_images_per_s": round(throughput.images_per_s, 2),
         "world_size": trainer.world_size,
+        "precision": run_precisions(trainer, teacher),
         "train_images": training_images(data),
         "output_dir": str(out),
         "history": history_records,
@@ -141,3 +143,12 @@ def fit(cfg: DictConfig, task: str, given: Given | None = None) -> dict:
         write_results(out, cfg, task, **results)
         print_summary(task, metrics)
     return results
+
+
+def run_precisions(trainer: L.Trainer, teacher) -> dict[str, str]:
+    """What the run computed in: the student's Lightning precision and the teacher's (``teacher.precision``)."""
+    device_type = trainer.strategy.root_device.type
+    return {
+        "student": str(trainer.precision),
+        **({"teacher": "/".join(computed_precisions(teacher, device_type))} if teacher is not None else {}),
+    }

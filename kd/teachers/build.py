@@ -13,6 +13,7 @@ from kd.models import Classifier
 from kd.models.members import is_ensemble, member_configs
 from kd.teachers.ensemble import EnsembleTeacher
 from kd.teachers.frozen import FrozenTeacher
+from kd.teachers.precision import teacher_precision
 from kd.weights.sources import ObtainAuto, load_weights, resolve
 
 log = logging.getLogger("kd")
@@ -60,6 +61,7 @@ def frozen(model: Classifier, teacher_cfg: DictConfig, student_size: tuple[int, 
         channels_last=bool(teacher_cfg.get("channels_last", True)),
         compile=bool(teacher_cfg.get("compile", False)),
         resize_to=own if student_size is not None and own != student_size else None,
+        precision=teacher_precision(teacher_cfg.get("precision", "auto")),
     )
 
 

@@ -34,6 +34,8 @@ from kd.losses.base import DistillationLoss
 from kd.teachers.cache import CachedTeacher, EpochFiller, TeacherOutputStore, resolve_topk
 from kd.teachers.ensemble import EnsembleTeacher
 from kd.teachers.frozen import FrozenTeacher
+from kd.teachers.precision import computed_precisions
+from kd.training.precision import device_type_of, trainer_precision
 from kd.training.steps import planned_steps
 
 log = logging.getLogger("kd")
@@ -97,6 +99,7 @@ def teacher_identity(
     k: int,
     mixup: BatchMixup | None = None,
     world_size: int = 1,
+    device_type: str = "cpu",
 ) -> dict:
     """Everything that decides the stored values, and nothing else: not the loss, the student, the optimizer
     or the number of workers, so a sweep over those shares one cache. Without mixup not the batch size or the
@@ -109,8 +112,9 @@ def teacher_identity(
             "fingerprint": teacher.start_fingerprint,
             "preprocessing": teacher.preprocessing.to_dict(),
             **teacher_views(teacher),
+            **computed_in(teacher, device_type),
         },
-        "precision": str(cfg.trainer.get("precision", "32-true")),
+        "precision": str(trainer_precision(cfg.trainer.get("precision", "32-true"), device_type)),
         "data": {
             "config": {key: value for key, value in data_cfg.items() if key not in LOADER_KEYS},
             "samples": len(data.train_set),
@@ -132,6 +136,13 @@ def teacher_views(teacher: FrozenTeacher | EnsembleTeacher) -> dict:
     if isinstance(teacher, EnsembleTeacher):
         return {"ensemble": teacher.describe()}
     return {"resize_to": list(teacher.resize_to)} if getattr(teacher, "resize_to", None) else {}
+
+
+def computed_in(teacher: FrozenTeacher | EnsembleTeacher, device_type: str) -> dict:
+    """The teacher's own precision on the filling device when it is reduced (bf16, 16): its outputs differ from
+    float32's. Nothing for float32, so the caches of float32 teachers keep their keys."""
+    precisions = computed_precisions(teacher, device_type)
+    return {} if precisions == ["32"] else {"precision": precisions}
 
 
 def mixup_identity(mixup: BatchMixup | None, batch_size: int, world_size: int) -> dict | None:
@@ -224,7 +235,10 @@ def open_teacher_cache(
     views = SeededViews(data.train_set, seed)
     check_reproducible(views)
     k = resolve_topk(cfg.teacher.get("cache_topk", "auto"), data.num_classes)
-    identity = teacher_identity(cfg, teacher, data, views, k, mixup, world_size)
+    accelerator = cfg.trainer.get("accelerator", "auto")
+    precision = trainer_precision(cfg.trainer.precision, device_type_of(accelerator))
+    fabric = L.Fabric(accelerator=accelerator, devices=1, precision=precision)
+    identity = teacher_identity(cfg, teacher, data, views, k, mixup, world_size, fabric.device.type)
     store = TeacherOutputStore.under(
         cfg.teacher.cache,
         str(cfg.teacher.get("name", "teacher")),
@@ -233,7 +247,6 @@ def open_teacher_cache(
         num_classes=data.num_classes,
         k=k,
     )
-    fabric = L.Fabric(accelerator=cfg.trainer.get("accelerator", "auto"), devices=1, precision=cfg.trainer.precision)
     if mixup is None:
         fill = view_filler(teacher, views, data, fabric)
     else:

@@ -439,3 +439,23 @@ def test_a_worker_error_stays_one_line(tmp_path):
         next(iter(data.train_dataloader()))
     assert str(refused.value).startswith(f"image file {root}/train/cat/0.jpg cannot be decoded")
     assert "\n" not in str(refused.value)
+
+
+# ---------------------------------------------------------------- teacher.precision
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("fp8", "teacher.precision=fp8 is unknown; use auto, 32, bf16 or 16 (16 on GPUs only)"),
+        ("16", "teacher.precision=16 runs on GPUs only; use teacher.precision=bf16 or auto on a CPU"),
+    ],
+)
+def test_a_teacher_precision_that_cannot_run_is_refused_before_any_work(make_cfg, tmp_path, value, expected):
+    cache = tmp_path / "fresh-cache"
+    cfg = make_cfg(*FAST, f"paths.cache_dir={cache}", f"teacher.precision={value}", "trainer.accelerator=cpu")
+    with pytest.raises(Exception) as raised:
+        fit(cfg, task="distill")
+    assert str(user_error(raised.value)) == expected
+    assert not list(cache.rglob("*")), "the run trained a model before refusing"
+    assert not files_under(tmp_path / "out"), "a refused run wrote into its output folder"

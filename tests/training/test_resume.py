@@ -60,7 +60,15 @@ def start_and_kill(folder, cache_dir, kill_after_step: int, run: list[str] = RUN
 
 @pytest.mark.slow
 # The default format with the default loggers (csv and offline wandb, whose run resumes too); NCHW with csv alone.
-@pytest.mark.parametrize("memory_format", ["student.channels_last=true", "student.channels_last=false logger=csv"])
+# bf16-mixed (the student's default on a CPU with native bf16, explicit here for every machine) resumes exactly too.
+@pytest.mark.parametrize(
+    "memory_format",
+    [
+        "student.channels_last=true",
+        "student.channels_last=false logger=csv",
+        "trainer.precision=bf16-mixed teacher.precision=bf16 logger=csv",
+    ],
+)
 def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_and_metrics(tmp_path, cache_dir, memory_format):
     run = [*RUN, *memory_format.split()]  # the student's NHWC and NCHW formats both resume exactly
     # Seeded (KD_RESUME_KILL_SEED to try another step), logged, and named by every failing assert below.
