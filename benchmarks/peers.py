@@ -123,6 +123,7 @@ def run_kd(args: argparse.Namespace, dataset: InMemory, workdir: Path) -> dict[s
     from kd.launch.configs import CONF_DIR, register_models
     from kd.module import DistillationModule
     from kd.tasks.common import attach_loggers, build_data, build_models, build_trainer, optimizer_factory
+    from kd.tasks.records import model_records
 
     total = args.steps
     overrides = [
@@ -169,7 +170,7 @@ def run_kd(args: argparse.Namespace, dataset: InMemory, workdir: Path) -> dict[s
             ends.append(time.perf_counter())
 
     trainer = build_trainer(cfg, Path(cfg.paths.output_dir), [Clock()])
-    attach_loggers(cfg, trainer)  # the default loggers, as a run.py run has them
+    attach_loggers(cfg, trainer, model_records(cfg, "distill"))  # the default loggers, as a run.py run has them
     teacher, student = build_models(cfg, data.num_classes, None, with_teacher=True)
     module = DistillationModule(
         student,

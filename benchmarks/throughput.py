@@ -67,11 +67,11 @@ from torch.utils.data import Dataset  # noqa: E402
 from kd.launch.configs import CONF_DIR, register_models  # noqa: E402
 from kd.losses import LabelCrossEntropy  # noqa: E402
 from kd.module import DistillationModule  # noqa: E402
-from kd.students.build import build_student  # noqa: E402
 from kd.students.fast import to_channels_last, wants_channels_last  # noqa: E402
 from kd.tasks.common import attach_loggers, build_data, build_trainer, optimizer_factory  # noqa: E402
+from kd.tasks.models import build_student, build_teacher, cache_settings  # noqa: E402
+from kd.tasks.records import model_records  # noqa: E402
 from kd.teachers import FrozenTeacher  # noqa: E402
-from kd.teachers.build import build_teacher  # noqa: E402
 from kd.teachers.cache import CachedTeacher  # noqa: E402
 from kd.teachers.fill import open_teacher_cache  # noqa: E402
 
@@ -182,7 +182,7 @@ class Setup:
     def cached_teacher(self) -> CachedTeacher:
         if self._cached is None:  # filled once, before any timing
             epochs = math.ceil(self.total_steps / self.batches_per_epoch)
-            store, _ = open_teacher_cache(self.cfg, self.teacher, self.data, epochs)
+            store, _ = open_teacher_cache(cache_settings(self.cfg), self.teacher, self.data, epochs)
             self._cached = CachedTeacher(self.teacher, store)
         return self._cached
 
@@ -234,7 +234,7 @@ def lightning_run(setup: Setup, teacher, loss, loggers: bool = True, **module_op
     clock = StepClock(setup)
     cfg = setup.cfg if loggers else setup.cfg_no_loggers
     trainer = build_trainer(cfg, Path(cfg.paths.output_dir), [clock])
-    attach_loggers(cfg, trainer)
+    attach_loggers(cfg, trainer, model_records(cfg, "distill"))
     trainer.fit(module, datamodule=setup.data)
     return images_per_s(clock.ends, setup)
 

@@ -425,7 +425,8 @@ class SweepSummary(Callback):
         print(f"\nSweep summary ({summary.folder}/summary.md, summary.csv, summary.png):\n\n{summary.markdown}")
         wandb_cfg = OmegaConf.select(config, "logger.wandb")
         if wandb_cfg is not None:
-            publish_sweep(summary.folder, wandb_cfg)
+            settings = {key: wandb_cfg.get(key) for key in ("project", "entity", "offline") if key in wandb_cfg}
+            publish_sweep(summary.folder, **settings)
         if summary.failed:
             failed, total = len(summary.failed), len(summary.jobs)
             log.error("%d of %d jobs failed or did not finish; see %s/summary.md", failed, total, summary.folder)

@@ -14,7 +14,7 @@ from kd.launch.configs import CONF_DIR, register_models
 
 ROOT = Path(__file__).resolve().parents[1]
 # Short digits recipes: enough to exercise every code path in seconds, not to reach good accuracy.
-# Short runs; the deployed student's speed (seconds of timing per run) is measured in tests/test_student_speed.py.
+# Short runs; the deployed student's speed (seconds of timing per run) is measured in tests/students/test_student_speed.py.
 FAST = ["teacher.pretrain.epochs=3", "student.pretrain.epochs=2", "trainer.max_epochs=2", "student.measure_speed=false"]
 
 register_models()
@@ -36,7 +36,7 @@ def make_cfg(tmp_path, cache_dir) -> Callable[..., DictConfig]:
         with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
             return compose(
                 "config",
-                # student.measure_speed: seconds of timing per run, tested on its own (tests/test_student_speed.py);
+                # student.measure_speed: seconds of timing per run, tested on its own (tests/students/test_student_speed.py);
                 # a later override wins.
                 overrides=[
                     f"paths.output_dir={tmp_path / 'out'}",

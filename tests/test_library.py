@@ -276,3 +276,19 @@ def test_the_readme_shows_the_examples_as_they_are_tested():
     files = [(EXAMPLES / name).read_text() for name in ("distill_in_notebook.py", "own_datamodule.py")]
     assert blocks == files
     assert all(len(text.splitlines()) < 30 for text in files)
+
+
+def test_the_simplest_call_runs_one_epoch_with_the_default_warmup_fitted_to_it(caplog):
+    """The default warmup (1 epoch) would fill a 1-epoch run: it shrinks and says so, the run is not refused."""
+    train, val = loaders()
+    with caplog.at_level("INFO", logger="kd"):
+        results = kd.distill(tiny(1), tiny(0), train, val, loss="kd", epochs=1)
+    assert 0.0 <= results["metrics"]["student/top1"] <= 1.0 and results["history"][-1]["epoch"] == 1
+    fitted = [r.getMessage() for r in caplog.records if "would cover the whole run" in r.getMessage()]
+    assert len(fitted) == 1 and "warming up for 0 steps instead" in fitted[0]  # 4 steps: a tenth rounds down
+
+
+def test_a_warmup_the_user_set_is_still_refused_when_it_covers_the_run():
+    train, val = loaders()
+    with pytest.raises(kd.KdError, match=r"^sched.warmup_epochs=1 covers the whole run \(4 of 4 steps\)"):
+        kd.distill(tiny(1), tiny(0), train, val, loss="kd", epochs=1, sched={"warmup_epochs": 1})

@@ -9,17 +9,15 @@ import lightning as L
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from kd.data.sampling import ResumableSampler, SeededViews, run_seed, validation_sampler
-from kd.data.unlabeled import (
-    Part,
+from kd.data.sampling import (
     RatioSampler,
-    TrainingSet,
-    UnlabeledFolder,
-    check_fraction,
-    labels_of,
-    stratified_fraction,
+    ResumableSampler,
+    SeededViews,
+    run_seed,
     unlabeled_per_batch,
+    validation_sampler,
 )
+from kd.data.unlabeled import Part, TrainingSet, UnlabeledFolder, check_fraction, labels_of, stratified_fraction
 from kd.errors import KdError
 
 log = logging.getLogger("kd")

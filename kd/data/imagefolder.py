@@ -11,26 +11,18 @@ from __future__ import annotations
 import copy
 import logging
 import os
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from PIL import Image
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from kd.data.base import ClassificationData
+from kd.data.image_files import BAD_IMAGE_POLICIES, BadImage, image_problems, load_rgb, readable_samples, visible
 from kd.data.transforms import eval_view, train_view
 from kd.errors import KdError
 
 log = logging.getLogger("kd")
-
-BAD_IMAGE_POLICIES = ("stop", "skip")
-SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG\r\n\x1a\n", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
-
-
-def visible(name: str) -> bool:
-    return not name.startswith(".")
 
 
 def class_folders(split_dir: Path) -> list[str]:
@@ -40,71 +32,6 @@ def class_folders(split_dir: Path) -> list[str]:
     if not classes:
         raise KdError(f"data folder {split_dir} has no class folders; put each class's images in {split_dir}/<class>/")
     return classes
-
-
-def looks_like_image(head: bytes) -> bool:
-    """The first bytes of a JPEG, PNG, GIF, BMP, TIFF, WebP or PNM (ppm/pgm) file."""
-    if head.startswith(SIGNATURES):
-        return True
-    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
-        return True
-    return head[:1] == b"P" and head[1:2] in (b"1", b"2", b"3", b"4", b"5", b"6") and head[2:3].isspace()
-
-
-def image_problem(path: str) -> str | None:
-    """Why ``path`` is not a usable image file, or None. Reads its first 12 bytes only."""
-    if not path.lower().endswith(IMG_EXTENSIONS):
-        return "is not an image file (by its extension)"
-    try:
-        with open(path, "rb") as file:
-            head = file.read(12)
-    except OSError as error:
-        return f"cannot be read ({error.strerror})"
-    if not head:
-        return "is empty"
-    if not looks_like_image(head):
-        return "is not an image (its first bytes match no image format)"
-    return None
-
-
-def image_problems(paths: list[str]) -> list[str | None]:
-    """``image_problem`` of every file, read in threads: opening many small files is I/O-bound."""
-    with ThreadPoolExecutor(max_workers=min(32, 4 * (os.cpu_count() or 1))) as pool:
-        return list(pool.map(image_problem, paths, chunksize=256))
-
-
-def readable_samples(candidates: list[tuple[str, int]], problems: list[str | None], dataset: Any, root: str) -> list:
-    """The (path, target) samples whose file has no problem. Each bad one goes to ``dataset.handle`` (which stops
-    the run, or records it in ``dataset.skipped`` under data.bad_images=skip); the skipped are logged once."""
-    samples = []
-    for (path, target), problem in zip(candidates, problems, strict=True):
-        if problem is None:
-            samples.append((path, target))
-        else:
-            dataset.handle(BadImage(path, problem))
-    if dataset.skipped:
-        log.warning(
-            "data.bad_images=skip: left out %d unreadable or non-image files under %s (first: %s %s)",
-            len(dataset.skipped),
-            root,
-            *next(iter(dataset.skipped.items())),
-        )
-    return samples
-
-
-class BadImage(Exception):
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path} {reason}")
-        self.path = path
-        self.reason = reason
-
-
-def load_rgb(path: str) -> Image.Image:
-    try:
-        with open(path, "rb") as file:
-            return Image.open(file).convert("RGB")
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise BadImage(path, f"cannot be decoded ({type(error).__name__}: {error})") from None
 
 
 class CheckedImageFolder(ImageFolder):

@@ -18,15 +18,14 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
-from kd.data.sampling import ResumableSampler
+from kd.data.image_files import BAD_IMAGE_POLICIES, BadImage, image_problems, load_rgb, readable_samples, visible
 from kd.errors import KdError
 
 log = logging.getLogger("kd")
@@ -53,7 +52,6 @@ class UnlabeledFolder(Dataset):
     """
 
     def __init__(self, root: str | Path, transform: Callable, bad_images: str = "stop") -> None:
-        from kd.data.imagefolder import BAD_IMAGE_POLICIES, image_problems, readable_samples, visible  # imports base
 
         if bad_images not in BAD_IMAGE_POLICIES:
             raise KdError(f"data.bad_images={bad_images} is unknown; use stop or skip")
@@ -86,7 +84,6 @@ class UnlabeledFolder(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        from kd.data.imagefolder import BadImage, load_rgb
 
         for offset in range(len(self.samples)):
             path = self.samples[(index + offset) % len(self.samples)][0]
@@ -189,112 +186,6 @@ def stratified_fraction(
         kept += rng.permutation(members)[:count].tolist()
     kept_set = set(kept)
     return sorted(kept), [i for i in range(len(labels)) if i not in kept_set]
-
-
-def unlabeled_per_batch(ratio: float, batch_size: int) -> int:
-    """The unlabeled images in each training batch for ``data.unlabeled_ratio``."""
-    if not 0.0 < ratio <= 1.0:
-        raise KdError(
-            f"data.unlabeled_ratio={ratio} must lie in (0, 1] (the unlabeled share of each batch), or be null "
-            "for the natural mix"
-        )
-    count = int(math.floor(ratio * batch_size + 0.5))
-    if count == 0 or (count == batch_size and ratio < 1.0):
-        raise KdError(
-            f"data.unlabeled_ratio={ratio} gives {count} unlabeled images in a batch of {batch_size}; choose a "
-            "ratio that leaves at least one image of each kind, or 1 for unlabeled images only"
-        )
-    return count
-
-
-def padded_share(permutation: list[int], num_replicas: int, rank: int) -> list[int]:
-    """Process ``rank``'s strided share of ``permutation``, padded from its start to divide evenly (as
-    torch's DistributedSampler pads)."""
-    total = math.ceil(len(permutation) / num_replicas) * num_replicas
-    padded = (permutation * math.ceil(total / len(permutation)))[:total]
-    return padded[rank::num_replicas]
-
-
-class RatioSampler(ResumableSampler):
-    """Batches of ``batch_size`` with ``per_batch`` unlabeled images each (``data.unlabeled_ratio``).
-
-    An epoch is one pass over the labeled images (every labeled image once per process share, none dropped: the
-    last batch takes the rest and is filled up with unlabeled images). The unlabeled images come from an endless
-    stream of permutations, one per pass over them, drawn from (seed, pass), that continues from epoch to epoch:
-    each is used equally often over a run, and an epoch is rebuilt from (seed, epoch) alone. With
-    ``per_batch == batch_size`` (ratio 1) an epoch is one pass over the unlabeled images instead. Within a batch
-    the order is shuffled by (seed, epoch), so mixup pairs labeled and unlabeled images at random. Keys are
-    ``(index, epoch)`` as ``ResumableSampler``'s; ``skip`` leaves out the first samples of ``start_epoch``.
-    """
-
-    def __init__(
-        self,
-        dataset: TrainingSet,
-        num_replicas: int,
-        rank: int,
-        seed: int,
-        batch_size: int,
-        per_batch: int,
-        start_epoch: int = 0,
-        skip: int = 0,
-    ) -> None:
-        super().__init__(dataset, num_replicas, rank, seed=seed, start_epoch=start_epoch, skip=skip)
-        self.batch_size = batch_size
-        self.per_batch = per_batch
-        self.labeled_count = dataset.num_labeled
-        self.unlabeled_count = dataset.num_unlabeled
-        if per_batch < batch_size:
-            labeled_share = math.ceil(self.labeled_count / num_replicas)
-            self.batches = math.ceil(labeled_share / (batch_size - per_batch))
-            self.unlabeled_share = self.batches * batch_size - labeled_share
-        else:
-            self.batches = math.ceil(math.ceil(self.unlabeled_count / num_replicas) / batch_size)
-            self.unlabeled_share = self.batches * batch_size
-        self.num_samples = self.batches * batch_size
-        self.total_size = self.num_samples * num_replicas
-
-    def __len__(self) -> int:
-        return self.num_samples
-
-    def permutation(self, count: int, *key: int) -> list[int]:
-        generator = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, *key]).generate_state(1)[0]))
-        return torch.randperm(count, generator=generator).tolist()
-
-    def unlabeled_stream(self, epoch: int) -> list[int]:
-        """This process's unlabeled images for ``epoch``: positions of the run-long stream of permutations."""
-        per_epoch = self.unlabeled_share * self.num_replicas
-        start, stop = epoch * per_epoch, (epoch + 1) * per_epoch
-        count = self.unlabeled_count
-        stream: list[int] = []
-        for lap in range(start // count, (stop - 1) // count + 1):
-            stream += self.permutation(count, 1, lap)
-        offset = (start // count) * count
-        chosen = stream[start - offset : stop - offset]
-        return [self.labeled_count + i for i in chosen[self.rank :: self.num_replicas]]
-
-    def epoch_keys(self, epoch: int) -> list[int]:
-        labeled = []
-        if self.per_batch < self.batch_size:
-            labeled = padded_share(self.permutation(self.labeled_count, 0, epoch), self.num_replicas, self.rank)
-        unlabeled = self.unlabeled_stream(epoch)
-        labeled_per_batch = self.batch_size - self.per_batch
-        order: list[int] = []
-        used = 0  # unlabeled images taken so far this epoch
-        for batch in range(self.batches):
-            take = labeled[batch * labeled_per_batch : (batch + 1) * labeled_per_batch]
-            need = self.batch_size - len(take)
-            members = take + unlabeled[used : used + need]
-            used += need
-            shuffle = self.permutation(len(members), 2, epoch, self.rank, batch)
-            order += [members[i] for i in shuffle]
-        return order
-
-    def __iter__(self) -> Iterator[tuple[int, int]]:
-        epoch = self.epoch
-        indices = self.epoch_keys(epoch)
-        if epoch == self.start_epoch:
-            indices = indices[self.skip :]
-        return iter([(index, epoch) for index in indices])
 
 
 def check_labels_reach_loss(data: Any, loss: Any) -> None:

@@ -9,7 +9,8 @@ from __future__ import annotations
 from hydra.core.override_parser.types import Override
 
 from kd.errors import KdError
-from kd.models.members import BACKENDS, member_config, zoo_names
+from kd.models.members import BACKENDS, zoo_names
+from kd.tasks.models import member_config
 
 BY_NAME = BACKENDS  # the entries whose model is named by ROLE.model=NAME, as members are by BACKEND:NAME
 ANY = "teacher=timm teacher.model=NAME or teacher=torchvision teacher.model=NAME for any other"

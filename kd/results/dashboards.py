@@ -14,19 +14,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from hydra.core.hydra_config import HydraConfig
-from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
-
-from kd.io import MODEL_ROLES
-
 if TYPE_CHECKING:
     from lightning.pytorch.loggers import WandbLogger
 
 log = logging.getLogger("kd")
-
-# The config groups a run is tagged with, so dashboards can filter and group by them.
-TAGGED_CHOICES = ("teacher", "student", "loss", "data")
 
 
 def wandb_mode(offline: bool | None) -> str | None:
@@ -67,19 +58,10 @@ def wandb_logger(
     offline: bool | None = None,
     **kwargs: Any,
 ) -> WandbLogger:
-    """Lightning's WandbLogger with kd's defaults (see conf/logger/wandb.yaml)."""
+    """Lightning's WandbLogger with kd's defaults (see conf/logger/wandb.yaml); a task fills ``group``, ``name``
+    and ``tags`` left null from the job (``kd.tasks.loggers``)."""
     from lightning.pytorch.loggers import WandbLogger
 
-    hydra = HydraConfig.get() if HydraConfig.initialized() else None
-    if hydra is not None:
-        if group is None and hydra.mode == RunMode.MULTIRUN:
-            group = sweep_group(hydra.sweep.dir)
-        if name is None:
-            name = hydra.job.override_dirname or None
-        if tags is None:
-            chosen = dict(hydra.runtime.choices)
-            roles = [r for r in TAGGED_CHOICES if not (r == "teacher" and chosen.get("task") == "train")]
-            tags = [f"{role}:{chosen[role]}" for role in roles if chosen.get(role)]
     mode = wandb_mode(offline)
     if mode == "online":
         kwargs["mode"] = "online"
@@ -127,7 +109,7 @@ def number(cell: str) -> float | str | None:
         return cell
 
 
-def publish_sweep(sweep_dir: Path, wandb_cfg: DictConfig) -> None:
+def publish_sweep(sweep_dir: Path, project: str = "kd", entity: str | None = None, offline: bool | None = None) -> None:
     """One more run in the sweep's group holding the sweep's summary.csv as a table and its summary.png."""
     import csv
 
@@ -135,10 +117,10 @@ def publish_sweep(sweep_dir: Path, wandb_cfg: DictConfig) -> None:
 
     with open(sweep_dir / "summary.csv", newline="") as f:
         rows = list(csv.reader(f))
-    mode = wandb_mode(wandb_cfg.get("offline"))
+    mode = wandb_mode(offline)
     run = wandb.init(
-        project=wandb_cfg.get("project", "kd"),
-        entity=wandb_cfg.get("entity"),
+        project=project,
+        entity=entity,
         group=sweep_group(sweep_dir),
         name="summary",
         job_type="summary",
@@ -152,15 +134,11 @@ def publish_sweep(sweep_dir: Path, wandb_cfg: DictConfig) -> None:
     run.finish()
 
 
-def add_model_tags(loggers: list, cfg: Any) -> None:
+def add_model_tags(loggers: list, tags: list[str]) -> None:
     """Tag each wandb run with the real models too (``teacher_model:convnext_tiny.fb_in22k_ft_in1k``), since
     ``teacher:timm`` says little; called before the run starts (tags are fixed when it does)."""
     from lightning.pytorch.loggers import WandbLogger
 
-    from kd.weights.names import model_label
-
-    roles = ("student",) if OmegaConf.select(cfg, "task._target_", default="").endswith(".train") else MODEL_ROLES
-    tags = [f"{role}_model:{label}" for role in roles if (label := model_label(cfg.get(role)))]
     for logger in loggers:
         if isinstance(logger, WandbLogger):
             current = list(logger._wandb_init.get("tags") or [])

@@ -8,34 +8,26 @@ student trained from scratch only.
 
 from __future__ import annotations
 
-from hydra.utils import instantiate
-from omegaconf import DictConfig
-
 from kd.errors import KdError
 from kd.models import Classifier
-from kd.models.members import is_ensemble
+from kd.models.spec import EnsembleSpec, ModelSpec
 from kd.students.zero_init import init_last_bn
-from kd.weights.sources import ObtainAuto, load_weights, resolve
+from kd.weights.sources import load_weights, resolve
 
 
 def build_student(
-    model_cfg: DictConfig,
-    num_classes: int,
-    obtain_auto: ObtainAuto | None = None,
-    new_head: bool = True,
+    spec: ModelSpec, num_classes: int, new_head: bool = True, zero_init_last_bn: bool = False
 ) -> Classifier:
-    """``model_cfg`` is a ``conf/model`` entry (``cfg.student``); ``obtain_auto`` trains ``weights: auto``."""
-    if is_ensemble(model_cfg):
+    """The student ``spec`` names, for ``num_classes``; ``spec.obtain_auto`` trains ``weights: auto``."""
+    if isinstance(spec, EnsembleSpec):
         raise KdError("student=ensemble is for teachers only; give the student one model, student=NAME")
-    arch = instantiate(model_cfg.arch)
-    net = arch.build(num_classes)
-    source = resolve(model_cfg.get("weights"))
-    name = model_cfg.get("name", "model")
-    zero_init_last_bn = bool(model_cfg.get("zero_init_last_bn", False))
+    net = spec.arch.build(num_classes)
+    source = resolve(spec.weights)
+    name = spec.name or "model"
     if zero_init_last_bn and source.kind != "none":
         raise KdError(
             f"student.zero_init_last_bn=true is for a student trained from scratch, but student.weights="
-            f"{model_cfg.get('weights')} loads weights; set student.weights=none or student.zero_init_last_bn=false"
+            f"{spec.weights} loads weights; set student.weights=none or student.zero_init_last_bn=false"
         )
     if source.kind == "none":
         blocks = init_last_bn(net, zero=zero_init_last_bn)
@@ -44,5 +36,5 @@ def build_student(
                 f"student.zero_init_last_bn=true, but student {name} has no residual blocks whose last "
                 "BatchNorm could start at zero; set student.zero_init_last_bn=false"
             )
-    preprocessing = load_weights(net, arch, model_cfg, "student", num_classes, obtain_auto, new_head=new_head)
-    return Classifier(net, preprocessing or arch.preprocessing())
+    preprocessing = load_weights(net, spec, "student", num_classes, new_head=new_head)
+    return Classifier(net, preprocessing or spec.arch.preprocessing())

@@ -5,11 +5,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from omegaconf import DictConfig
-
 from kd.data import ClassificationData
 from kd.errors import KdError
 from kd.models import Classifier
+from kd.models.spec import ModelSpec
 from kd.students.build import build_student
 from kd.students.card import StudentCard, card_for, read_card
 from kd.weights.sources import is_local_file
@@ -18,23 +17,23 @@ log = logging.getLogger("kd")
 
 
 def trained_student(
-    student_cfg: DictConfig, data: ClassificationData | None, build_data: Callable[[], ClassificationData]
+    spec: ModelSpec, data: ClassificationData | None, build_data: Callable[[], ClassificationData]
 ) -> tuple[Classifier, StudentCard]:
-    """Build ``student_cfg`` from its weights (never with a new classifier) and find its card.
+    """Build the student ``spec`` names from its weights (never with a new classifier) and find its card.
 
     The class names and preprocessing come from the card stored with the weights; the data (``data``,
     or ``build_data()`` when not built yet) is only needed when the weights carry no card.
     """
-    weights = str(student_cfg.get("weights"))
+    weights = str(spec.weights)
     card = read_card(weights) if is_local_file(weights) else None
     if card is None:
         data = data or build_data()
     elif data is not None:
         check_same_classes(card, data, weights)
     class_names = card.class_names if card else data.class_names
-    student = build_student(student_cfg, len(class_names), new_head=False)
+    student = build_student(spec, len(class_names), new_head=False)
     if card is None:
-        card = card_for(student, data, model=student_cfg.get("name"))
+        card = card_for(student, data, model=spec.name)
         log.info("student.weights=%s store no class names; using the %d classes of the data", weights, len(class_names))
     return Classifier(student.net, card.preprocessing), card
 

@@ -11,11 +11,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig
 
 from kd.errors import KdError
-from kd.results.files import write_results
 from kd.tasks.auto_weights import auto_weights
-from kd.tasks.common import build_data, output_dir
-from kd.teachers.build import build_teacher
-from kd.teachers.fill import epochs_to_cover, open_teacher_cache, planned_trainer
+from kd.tasks.checks import cache_refusals
+from kd.tasks.common import build_data, output_dir, planned_trainer
+from kd.tasks.models import build_teacher, cache_settings
+from kd.tasks.records import write_results
+from kd.teachers.fill import check_teacher_cache, epochs_to_cover, open_teacher_cache
 
 log = logging.getLogger("kd")
 
@@ -24,6 +25,7 @@ def cache_teacher(cfg: DictConfig, epochs: int | None = None) -> dict:
     start = time.perf_counter()
     if not cfg.teacher.get("cache"):
         raise KdError("task=cache_teacher needs a folder to write to; pass teacher.cache=DIR")
+    check_teacher_cache(cache_settings(cfg), None, **cache_refusals(cfg))
     # Seeded as task=distill is, so a teacher with weights=none gets the same random weights (and fingerprint).
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     out = output_dir(cfg)
@@ -36,7 +38,7 @@ def cache_teacher(cfg: DictConfig, epochs: int | None = None) -> dict:
     count = epochs if epochs is not None else epochs_to_cover(planned, data)
     if count < 1:
         raise KdError(f"task.epochs={count} must be at least 1")
-    store, written = open_teacher_cache(cfg, teacher, data, count, mixup, world_size)
+    store, written = open_teacher_cache(cache_settings(cfg), teacher, data, count, mixup, world_size)
     results = {
         "metrics": {},
         "cache": str(store.folder),

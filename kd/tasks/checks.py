@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from kd.data import ClassificationData
 from kd.errors import KdError
 from kd.losses.base import DistillationLoss
+from kd.tasks.models import cache_settings, is_ensemble, model_spec
 from kd.teachers.ensemble import check_ensemble_loss
 from kd.teachers.fill import check_teacher_cache
 from kd.teachers.precision import resolve_precision
@@ -36,7 +37,13 @@ def check_run_length(trainer: L.Trainer, data: ClassificationData, scheduler: Ca
         )
     if scheduler is not None:  # the schedule checks itself (warmup longer than the run) on a stand-in optimizer
         probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
-        scheduler(probe, total_steps=total, steps_per_epoch=max(1, per_epoch))
+        kd_log = logging.getLogger("kd")
+        level = kd_log.level
+        kd_log.setLevel(logging.WARNING)  # what the schedule adapts is logged once, when the module builds it
+        try:
+            scheduler(probe, total_steps=total, steps_per_epoch=max(1, per_epoch))
+        finally:
+            kd_log.setLevel(level)
 
 
 def check_schedule_numbers(cfg: DictConfig) -> None:
@@ -109,6 +116,22 @@ def check_teacher_precision(cfg: DictConfig, loss: DistillationLoss, device_type
         resolve_precision(teacher.precision, device_type)
 
 
+def cache_refusals(cfg: DictConfig) -> dict:
+    """The settings ``teacher.cache`` cannot serve (``kd.teachers.fill.check_teacher_cache``)."""
+    return {
+        "bn_train_mode": bool(OmegaConf.select(cfg, "teacher.bn_train_mode") or False),
+        "overfit_batches": OmegaConf.select(cfg, "trainer.overfit_batches") or 0,
+    }
+
+
+def check_ensemble(cfg: DictConfig, loss: DistillationLoss) -> None:
+    """``teacher=ensemble``: every member exists (timm and torchvision names included) and the loss needs no
+    feature maps."""
+    if is_ensemble(cfg.get("teacher")):
+        model_spec(cfg.teacher, "teacher")
+        check_ensemble_loss(loss)
+
+
 def check_before_work(
     cfg: DictConfig,
     data: ClassificationData,
@@ -120,7 +143,7 @@ def check_before_work(
     check_weights_given(cfg, loss)
     check_loss_gives_gradient(loss, cfg.loss, data.num_classes)
     check_teacher_precision(cfg, loss, trainer.strategy.root_device.type)
-    check_teacher_cache(cfg, loss)  # the cache's own refusals, beside the cache (kd.teachers.fill)
-    check_ensemble_loss(cfg.get("teacher"), loss)
+    check_teacher_cache(cache_settings(cfg), loss, **cache_refusals(cfg))  # the cache's own refusals (kd.teachers.fill)
+    check_ensemble(cfg, loss)
     check_run_length(trainer, data, scheduler)
     check_distributed_launch(trainer)

@@ -4,28 +4,33 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf
 
 from kd.data import ClassificationData
 from kd.errors import KdError
+from kd.io import MODEL_ROLES
 from kd.models import Classifier
 from kd.results.callbacks import EpochLine
-from kd.results.dashboards import add_model_tags
-from kd.students.build import build_student
+from kd.results.dashboards import add_model_tags, sweep_group
 from kd.students.card import StudentCard
 from kd.students.trained import trained_student
 from kd.tasks.auto_weights import auto_weights
-from kd.teachers.build import build_teacher
+from kd.tasks.models import ObtainAuto, build_student, build_teacher, model_spec
 from kd.teachers.frozen import FrozenTeacher
 from kd.training.optim import OptimizerRecipe
 from kd.training.precision import device_type_of, hardware_name, trainer_precision
-from kd.weights.sources import ObtainAuto, resolve
+from kd.training.schedule_config import takes
+from kd.weights.sources import resolve
 
 log = logging.getLogger("kd")
 
@@ -88,7 +93,28 @@ def trained_student_of(cfg: DictConfig, data: ClassificationData | None = None) 
         data = data or build_data(cfg, cfg.student)
         path = auto_weights(cfg, data)(cfg.student, "student")
         student_cfg = OmegaConf.merge(cfg.student, {"weights": str(path)})
-    return trained_student(student_cfg, data, lambda: build_data(cfg, cfg.student))
+    return trained_student(model_spec(student_cfg, "student"), data, lambda: build_data(cfg, cfg.student))
+
+
+def user_set_keys(cfg: DictConfig) -> set[str]:
+    """The config keys the user set (``python run.py KEY=VALUE``, ``kd.distill`` keywords), without a leading
+    ``+``/``~``; what a recipe or a default set is not among them."""
+    overrides = OmegaConf.select(cfg, "hydra.overrides.task")  # a composed config (tests, kd.distill)
+    if overrides is None and HydraConfig.initialized():
+        overrides = HydraConfig.get().overrides.task
+    return {str(override).split("=", 1)[0].lstrip("+~") for override in overrides or []}
+
+
+def schedule_for(cfg: DictConfig) -> Callable[..., Any] | None:
+    """``cfg.sched`` as a factory. Warmup and milestones the user did not set fit themselves to the run's length
+    (``fit_to_run``) instead of refusing it: a recipe's 5 warmup epochs in a 1-epoch smoke test."""
+    if not cfg.get("sched"):
+        return None
+    factory = instantiate(cfg.sched)
+    user_set = user_set_keys(cfg) & {"sched.warmup_epochs", "sched.milestones"}
+    if not user_set and takes(factory, "fit_to_run"):
+        return partial(factory, fit_to_run=True)
+    return factory
 
 
 def optimizer_factory(cfg: DictConfig) -> OptimizerRecipe:
@@ -132,14 +158,52 @@ def run_precision(cfg: DictConfig) -> str | int:
     return chosen
 
 
+def planned_trainer(cfg: DictConfig) -> L.Trainer:
+    """A Trainer built only to count what ``cfg.trainer`` plans: processes, epochs and steps."""
+    keys = (
+        "accelerator", "strategy", "devices", "num_nodes",
+        "max_epochs", "max_steps", "limit_train_batches", "accumulate_grad_batches",
+    )  # fmt: skip
+    settings = {key: cfg.trainer[key] for key in keys if cfg.trainer.get(key) is not None}
+    return L.Trainer(**settings, logger=False, enable_checkpointing=False, enable_progress_bar=False)
+
+
 def logger_configs(cfg: DictConfig) -> list[DictConfig]:
     return [c for c in (cfg.get("logger") or {}).values() if c is not None]
 
 
-def attach_loggers(cfg: DictConfig, trainer: L.Trainer) -> None:
-    """Build the configured loggers and hand them to ``trainer``: call it after the last check, before any work."""
-    loggers = [instantiate(c) for c in logger_configs(cfg)]
-    add_model_tags(loggers, cfg)  # teacher_model:convnext_tiny.fb_in22k_ft_in1k beside teacher:timm
+# The config groups a wandb run is tagged with, so dashboards can filter and group by them.
+TAGGED_CHOICES = ("teacher", "student", "loss", "data")
+
+
+def job_settings(logger_cfg: DictConfig) -> dict[str, Any]:
+    """What ``kd.results.dashboards.wandb_logger`` leaves null and the Hydra job says: a sweep's group (its
+    folder), the run's name (its overrides) and tags (its config-group choices)."""
+    if not str(logger_cfg.get("_target_", "")).endswith(".wandb_logger") or not HydraConfig.initialized():
+        return {}
+    hydra = HydraConfig.get()
+    settings: dict[str, Any] = {}
+    if logger_cfg.get("group") is None and hydra.mode == RunMode.MULTIRUN:
+        settings["group"] = sweep_group(hydra.sweep.dir)
+    if logger_cfg.get("name") is None:
+        settings["name"] = hydra.job.override_dirname or None
+    if logger_cfg.get("tags") is None:
+        chosen = dict(hydra.runtime.choices)
+        roles = [r for r in TAGGED_CHOICES if not (r == "teacher" and chosen.get("task") == "train")]
+        settings["tags"] = [f"{role}:{chosen[role]}" for role in roles if chosen.get(role)]
+    return settings
+
+
+def model_tags(records: dict[str, dict[str, Any] | None]) -> list[str]:
+    """``teacher_model:convnext_tiny.fb_in22k_ft_in1k`` beside ``teacher:timm``: the real models by name."""
+    return [f"{role}_model:{record['name']}" for role in MODEL_ROLES if (record := records.get(role))]
+
+
+def attach_loggers(cfg: DictConfig, trainer: L.Trainer, records: dict[str, dict[str, Any] | None]) -> None:
+    """Build the configured loggers and hand them to ``trainer``: call it after the last check, before any work.
+    ``records``: the run's models (``kd.tasks.records.model_records``), for the dashboards' tags."""
+    loggers = [instantiate(c, **job_settings(c)) for c in logger_configs(cfg)]
+    add_model_tags(loggers, model_tags(records))
     for logger in loggers:  # the whole resolved config, so every dashboard run says how it was made
         logger.log_hyperparams(resolved_config(cfg))
     trainer.loggers = loggers

@@ -13,11 +13,11 @@ from omegaconf import DictConfig
 
 from kd.losses import LabelCrossEntropy
 from kd.module import DistillationModule
-from kd.results.files import write_results
 from kd.results.report import EVAL_ROWS, print_summary
 from kd.tasks.auto_weights import auto_weights
 from kd.tasks.common import attach_loggers, build_data, build_trainer, output_dir, trained_student_of, validate
-from kd.teachers.build import build_teacher, has_teacher
+from kd.tasks.models import build_teacher, has_teacher
+from kd.tasks.records import model_records, write_results
 
 log = logging.getLogger("kd")
 
@@ -46,7 +46,7 @@ def evaluate(cfg: DictConfig) -> dict:
         student, LabelCrossEntropy(), optimizer=None, scheduler=None, num_classes=data.num_classes, teacher=teacher
     )
     trainer = build_trainer(cfg, out)
-    attach_loggers(cfg, trainer)
+    attach_loggers(cfg, trainer, model_records(cfg, "eval"))
     metrics = validate(trainer, module, data)
     results = {
         "metrics": metrics,

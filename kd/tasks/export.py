@@ -7,10 +7,10 @@ import time
 from omegaconf import DictConfig, ListConfig
 
 from kd.errors import KdError
-from kd.results.files import write_results
 from kd.students.export import check_formats, export_student
 from kd.students.speed import student_speed
 from kd.tasks.common import output_dir, trained_student_of
+from kd.tasks.records import write_results
 
 
 def export(cfg: DictConfig) -> dict:

@@ -23,8 +23,8 @@ from torchvision.transforms import v2 as T
 from kd.errors import KdError
 from kd.io import write_atomic
 from kd.models import Preprocessing
-from kd.results.files import write_results
 from kd.tasks.common import output_dir, trained_student_of
+from kd.tasks.records import write_results
 
 log = logging.getLogger("kd")
 

@@ -308,6 +308,11 @@ class CachedTeacher(nn.Module):
     def feature_info(self) -> list[dict]:
         return self.teacher.feature_info()
 
+    @property
+    def live(self) -> FrozenTeacher:
+        """The teacher that runs the network (validation, metrics), not the store."""
+        return self.teacher
+
     def check_unchanged(self) -> str:
         return self.teacher.check_unchanged()
 

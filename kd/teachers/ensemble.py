@@ -17,11 +17,9 @@ import hashlib
 import logging
 
 import torch
-from hydra.utils import instantiate
 from torch import nn
 
 from kd.errors import KdError
-from kd.models.members import is_ensemble, member_configs
 from kd.teachers.frozen import FrozenTeacher
 
 log = logging.getLogger("kd")
@@ -101,6 +99,11 @@ class EnsembleTeacher(nn.Module):
             self.feature_info()  # refuses
         return self(images), {}
 
+    @property
+    def live(self):
+        """The teacher that runs its network: this one (a ``CachedTeacher`` answers with the teacher it stores for)."""
+        return self
+
     def check_unchanged(self) -> str:
         for member in self.members:
             member.check_unchanged()
@@ -114,13 +117,9 @@ class EnsembleTeacher(nn.Module):
         ]
 
 
-def check_ensemble_loss(teacher_cfg, loss) -> None:
-    """Before any work: the members exist (every timm or torchvision name included), the settings make sense,
-    and the loss does not need feature maps, which an ensemble cannot give."""
-    if teacher_cfg is None or not is_ensemble(teacher_cfg):
-        return
-    for config in member_configs(teacher_cfg):
-        instantiate(config.arch)  # refuses an unknown timm or torchvision name in one line
+def check_ensemble_loss(loss) -> None:
+    """Before any work, for ``teacher=ensemble``: the loss does not need feature maps, which an ensemble cannot
+    give. (Its members were checked, unknown timm or torchvision names included, when their specs were built.)"""
     if loss is not None and loss.uses_teacher and loss.feature_stages().teacher:
         raise KdError(
             f"loss {type(loss).__name__} compares the teacher's feature maps, but teacher=ensemble has one set per "
@@ -131,7 +130,7 @@ def check_ensemble_loss(teacher_cfg, loss) -> None:
 def fingerprint_record(teacher) -> dict:
     """``{"start", "end"}`` of the run's teacher (frozen, cached or ensemble), and every member's for an ensemble;
     ``check_unchanged`` raises if any changed."""
-    inner = getattr(teacher, "teacher", teacher)  # a CachedTeacher wraps the frozen one
+    inner = teacher.live  # a CachedTeacher stores for the frozen one
     if isinstance(inner, EnsembleTeacher):  # each member hashed once: its end fingerprint is the check
         members = inner.end_fingerprints()
         return {"start": teacher.start_fingerprint, "end": inner.start_fingerprint, "members": members}

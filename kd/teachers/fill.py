@@ -18,12 +18,13 @@ import hashlib
 import json
 import logging
 import math
+from dataclasses import dataclass, field
+from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
 import torchvision
-from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from kd.data import ClassificationData
@@ -35,29 +36,47 @@ from kd.teachers.cache import CachedTeacher, EpochFiller, TeacherOutputStore, re
 from kd.teachers.ensemble import EnsembleTeacher
 from kd.teachers.frozen import FrozenTeacher
 from kd.teachers.precision import computed_precisions
-from kd.training.precision import device_type_of, trainer_precision
 from kd.training.steps import planned_steps
 
 log = logging.getLogger("kd")
 
 
-def check_teacher_cache(cfg: DictConfig, loss: DistillationLoss | None) -> None:
+@dataclass(frozen=True)
+class CacheSettings:
+    """``teacher.cache`` as a run sets it: the folder, the logits kept per view (``cache_topk``), and what decides
+    the stored values besides the teacher's weights: the seed, the device and precision the teacher runs in
+    (``trainer.precision``, as in the training step), the teacher entry's name and arch settings, and the data's
+    settings."""
+
+    folder: str
+    topk: int | str = "auto"
+    seed: int = 0
+    accelerator: str = "auto"
+    precision: str = "32-true"
+    teacher_name: str | None = None
+    teacher_arch: dict[str, Any] = field(default_factory=dict)
+    data_config: dict[str, Any] = field(default_factory=dict)
+
+
+def check_teacher_cache(
+    cache: CacheSettings | None, loss: DistillationLoss | None, bn_train_mode: bool = False, overfit_batches: float = 0
+) -> None:
     """``teacher.cache`` stores the teacher's logits per seeded training view; refuse what it cannot serve."""
-    if not OmegaConf.select(cfg, "teacher.cache"):
+    if cache is None:
         return
-    if cfg.teacher.get("bn_train_mode"):
+    if bn_train_mode:
         raise KdError(
             "teacher.bn_train_mode=true makes each teacher output depend on the whole batch, so it cannot be "
             "stored per view; use teacher.cache=null or teacher.bn_train_mode=false"
         )
     if loss is not None and loss.uses_teacher and loss.feature_stages().teacher:
         raise KdError(
-            f"loss {type(loss).__name__} compares the teacher's feature maps, but teacher.cache={cfg.teacher.cache} "
+            f"loss {type(loss).__name__} compares the teacher's feature maps, but teacher.cache={cache.folder} "
             "stores the teacher's logits only; use teacher.cache=null with feature losses"
         )
-    if OmegaConf.select(cfg, "trainer.overfit_batches"):
+    if overfit_batches:
         raise KdError(
-            f"trainer.overfit_batches={cfg.trainer.overfit_batches} replaces the seeded training sampler, so the "
+            f"trainer.overfit_batches={overfit_batches} replaces the seeded training sampler, so the "
             "views cannot be looked up in teacher.cache; use teacher.cache=null to overfit a few batches"
         )
 
@@ -92,7 +111,7 @@ def content_digest(dataset: Dataset) -> str | None:
 
 
 def teacher_identity(
-    cfg: DictConfig,
+    cache: CacheSettings,
     teacher: FrozenTeacher,
     data: ClassificationData,
     views: SeededViews,
@@ -104,25 +123,24 @@ def teacher_identity(
     """Everything that decides the stored values, and nothing else: not the loss, the student, the optimizer
     or the number of workers, so a sweep over those shares one cache. Without mixup not the batch size or the
     number of processes either; with mixup they decide which images are mixed together, so they count."""
-    data_cfg = OmegaConf.to_container(cfg.data, resolve=True)
     return {
         "teacher": {
-            "name": cfg.teacher.get("name"),
-            "arch": OmegaConf.to_container(cfg.teacher.arch, resolve=True),
+            "name": cache.teacher_name,
+            "arch": cache.teacher_arch,
             "fingerprint": teacher.start_fingerprint,
             "preprocessing": teacher.preprocessing.to_dict(),
             **teacher_views(teacher),
             **computed_in(teacher, device_type),
         },
-        "precision": str(trainer_precision(cfg.trainer.get("precision", "32-true"), device_type)),
+        "precision": cache.precision,
         "data": {
-            "config": {key: value for key, value in data_cfg.items() if key not in LOADER_KEYS},
+            "config": {key: value for key, value in cache.data_config.items() if key not in LOADER_KEYS},
             "samples": len(data.train_set),
             "classes": data.num_classes,
             "content": content_digest(data.train_set),
         },
         "views": views.describe(),
-        "seed": int(cfg.seed),
+        "seed": cache.seed,
         "k": k,
         "mixup": mixup_identity(mixup, data.batch_size, world_size),
         "versions": {"torch": torch.__version__, "torchvision": torchvision.__version__},
@@ -219,29 +237,26 @@ def epochs_to_cover(trainer: L.Trainer, data: ClassificationData) -> int:
 
 
 def open_teacher_cache(
-    cfg: DictConfig,
+    cache: CacheSettings,
     teacher: FrozenTeacher,
     data: ClassificationData,
     epochs: int,
     mixup: BatchMixup | None = None,
     world_size: int = 1,
 ) -> tuple[TeacherOutputStore, list[int]]:
-    """The store for this run under ``teacher.cache``, with epochs ``0 .. epochs-1`` written.
+    """The store for this run under ``cache.folder``, with epochs ``0 .. epochs-1`` written.
 
     Several processes (DDP ranks, parallel sweep jobs) may call it at once: the store's file lock lets the
     first one write each missing epoch while the others wait, then all of them read the same files."""
-    check_teacher_cache(cfg, loss=None)
-    seed = int(cfg.seed)
+    seed = cache.seed
     views = SeededViews(data.train_set, seed)
     check_reproducible(views)
-    k = resolve_topk(cfg.teacher.get("cache_topk", "auto"), data.num_classes)
-    accelerator = cfg.trainer.get("accelerator", "auto")
-    precision = trainer_precision(cfg.trainer.precision, device_type_of(accelerator))
-    fabric = L.Fabric(accelerator=accelerator, devices=1, precision=precision)
-    identity = teacher_identity(cfg, teacher, data, views, k, mixup, world_size, fabric.device.type)
+    k = resolve_topk(cache.topk, data.num_classes)
+    fabric = L.Fabric(accelerator=cache.accelerator, devices=1, precision=cache.precision)
+    identity = teacher_identity(cache, teacher, data, views, k, mixup, world_size, fabric.device.type)
     store = TeacherOutputStore.under(
-        cfg.teacher.cache,
-        str(cfg.teacher.get("name", "teacher")),
+        cache.folder,
+        cache.teacher_name or "teacher",
         identity,
         num_samples=len(views),
         num_classes=data.num_classes,
@@ -259,29 +274,19 @@ def open_teacher_cache(
 
 
 def cached_teacher(
-    cfg: DictConfig,
+    cache: CacheSettings,
     teacher: FrozenTeacher,
     data: ClassificationData,
     mixup: BatchMixup | None,
     trainer: L.Trainer,
 ) -> CachedTeacher:
     epochs = epochs_to_cover(trainer, data)
-    store, _ = open_teacher_cache(cfg, teacher, data, epochs, mixup, trainer.world_size)
+    store, _ = open_teacher_cache(cache, teacher, data, epochs, mixup, trainer.world_size)
     return CachedTeacher(teacher, store)
 
 
-def planned_trainer(cfg: DictConfig) -> L.Trainer:
-    """A Trainer built only to count what ``cfg.trainer`` plans: processes, epochs and steps."""
-    keys = (
-        "accelerator", "strategy", "devices", "num_nodes",
-        "max_epochs", "max_steps", "limit_train_batches", "accumulate_grad_batches",
-    )  # fmt: skip
-    settings = {key: cfg.trainer[key] for key in keys if cfg.trainer.get(key) is not None}
-    return L.Trainer(**settings, logger=False, enable_checkpointing=False, enable_progress_bar=False)
-
-
 def teacher_for_run(
-    cfg: DictConfig,
+    cache: CacheSettings | None,
     teacher: FrozenTeacher,
     loss: DistillationLoss,
     data: ClassificationData,
@@ -291,6 +296,6 @@ def teacher_for_run(
     """The teacher the training step asks: the frozen one, or, with ``teacher.cache``, its stored outputs.
 
     The cache is filled here, before Lightning starts any extra DDP process."""
-    if cfg.teacher.get("cache") and loss.uses_teacher:
-        return cached_teacher(cfg, teacher, data, mixup, trainer)
+    if cache is not None and loss.uses_teacher:
+        return cached_teacher(cache, teacher, data, mixup, trainer)
     return teacher

@@ -144,6 +144,11 @@ class FrozenTeacher(nn.Module):
             images, size=self.resize_to, mode=mode, antialias=shrinks and mode != "nearest", align_corners=None
         )
 
+    @property
+    def live(self):
+        """The teacher that runs its network: this one (a ``CachedTeacher`` answers with the teacher it stores for)."""
+        return self
+
     def check_unchanged(self) -> str:
         end = fingerprint(self)
         if end != self.start_fingerprint:

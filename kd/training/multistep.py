@@ -8,6 +8,7 @@ one step or epoch earlier than the papers, whose training scripts decay from epo
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
@@ -15,6 +16,9 @@ from timm.scheduler.scheduler import Scheduler
 from torch.optim import Optimizer
 
 from kd.errors import KdError
+from kd.training.schedule import fitted_warmup_steps
+
+log = logging.getLogger("kd")
 
 
 class WarmupMultiStep(Scheduler):
@@ -67,11 +71,17 @@ def warmup_multistep(
     gamma: float = 0.1,
     warmup_epochs: float = 0.0,
     per_step: bool = True,
+    fit_to_run: bool = False,
 ) -> WarmupMultiStep:
     """``sched=multistep``: checks its numbers against the run (``total_steps`` optimizer steps,
-    ``steps_per_epoch`` per epoch) and builds the schedule; see ``WarmupMultiStep`` for the formula."""
+    ``steps_per_epoch`` per epoch) and builds the schedule; see ``WarmupMultiStep`` for the formula.
+    ``fit_to_run``: the milestones and warmup are defaults (a recipe's), not the user's: milestones past the run
+    are dropped and a warmup as long as the run shrinks, each said in the log, instead of being refused."""
     milestones = list(milestones) if milestones is not None else []
     epochs = math.ceil(total_steps / max(1, steps_per_epoch))
+    if fit_to_run and milestones and isinstance(milestones[-1], int) and milestones[-1] >= epochs:
+        log.info("sched.milestones=%s (a default) reach past the run's %d epochs: dropping those", milestones, epochs)
+        milestones = [m for m in milestones if not isinstance(m, int) or m < epochs]
     if any(not isinstance(m, int) or isinstance(m, bool) or m < 1 for m in milestones):
         raise KdError(f"sched.milestones={milestones} must be whole epochs of 1 or more, e.g. [150, 180, 210]")
     if any(later <= earlier for earlier, later in zip(milestones, milestones[1:], strict=False)):
@@ -85,6 +95,8 @@ def warmup_multistep(
         raise KdError(f"sched.gamma={gamma} must lie in (0, 1]: the LR is multiplied by it at each milestone")
     if warmup_epochs < 0:
         raise KdError(f"sched.warmup_epochs={warmup_epochs} is negative; use 0 for no warmup")
+    if fit_to_run and round(warmup_epochs * steps_per_epoch) >= total_steps > 0:
+        warmup_epochs = fitted_warmup_steps(warmup_epochs, steps_per_epoch, total_steps, True) / steps_per_epoch
     if milestones and warmup_epochs > milestones[0]:
         raise KdError(
             f"sched.warmup_epochs={warmup_epochs} outlasts the first milestone (epoch {milestones[0]}); "

@@ -13,20 +13,25 @@ import sys
 from pathlib import Path
 
 import torch
-from hydra.utils import instantiate
-from omegaconf import OmegaConf
+import yaml
 
 from kd.errors import KdError
 from kd.io import CONF_DIR, write_atomic
+from kd.models import TimmArch
 from kd.weights import paddle
 from kd.weights.files import check_exists, load_into
 
 
-def zoo_arch(name: str):
+def zoo_arch(name: str) -> TimmArch | None:
+    """The timm architecture of zoo entry ``name`` (PaddleClas weights map onto timm's ResNets only), or None
+    when the entry is another kind of model."""
     path = CONF_DIR / "model" / f"{name}.yaml"
     if not path.is_file():
         raise KdError(f"--arch {name} is not a zoo model; use one of {', '.join(paddle.ZOO_NAMES)}")
-    return instantiate(OmegaConf.load(path).arch)
+    settings = dict(yaml.safe_load(path.read_text())["arch"])
+    if settings.pop("_target_", None) != "kd.models.TimmArch":
+        return None
+    return TimmArch(**settings)
 
 
 def convert(source: str | Path, target: str | Path, arch_name: str) -> str:
@@ -37,7 +42,7 @@ def convert(source: str | Path, target: str | Path, arch_name: str) -> str:
     if target.suffix not in (".safetensors", ".pth"):
         raise KdError(f"output {target} must end in .safetensors or .pth")
     arch = zoo_arch(arch_name)
-    if arch.backend != "timm" or not paddle.supports(arch.model_name):
+    if arch is None or not paddle.supports(arch.model_name):
         raise KdError(
             f"--arch {arch_name} is not a ResNet kd can map PaddleClas weights onto; "
             f"use one of {', '.join(paddle.ZOO_NAMES)}"

@@ -9,11 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from hydra.utils import instantiate
-from omegaconf import DictConfig
-
 from kd.models.arch import PRETRAINED
-from kd.models.members import is_ensemble, member_configs
+from kd.models.spec import EnsembleSpec, ModelSpec
 from kd.weights.sources import WeightSource, resolve
 
 
@@ -27,31 +24,31 @@ def weights_name(source: WeightSource, arch: Any) -> str:
     return str(source.value)
 
 
-def model_record(model_cfg: DictConfig | None) -> dict[str, Any] | None:
+def model_record(spec: ModelSpec | EnsembleSpec | None) -> dict[str, Any] | None:
     """``{"name", "arch", "backend", "weights"}`` of one model; an ensemble lists its members."""
-    if model_cfg is None or model_cfg.get("arch") is None:
+    if spec is None:
         return None
-    if is_ensemble(model_cfg):
-        members = [model_record(member) for member in member_configs(model_cfg)]
+    if isinstance(spec, EnsembleSpec):
+        members = [model_record(member) for member in spec.members]
         return {
             "name": "ensemble(" + ", ".join(m["name"] for m in members) + ")",
             "arch": "ensemble",
-            "combine": str(model_cfg.get("combine", "probs")),
+            "combine": spec.combine,
             "members": members,
         }
-    arch = instantiate(model_cfg.arch)
-    source = resolve(model_cfg.get("weights"))
+    arch = spec.arch
+    source = resolve(spec.weights)
     weights = weights_name(source, arch)
     # The name a reader knows the model by: the timm tag or torchvision weights when published ones are loaded.
     published = source.kind == "published"
     name = weights if published and arch.backend == "timm" else arch.id
-    if arch.backend == "kd" and model_cfg.get("name") not in (None, "custom"):
-        name = str(model_cfg.name)  # kd's own zoo networks (resnet8, digits_teacher) are known by their entry
+    if arch.backend == "kd" and spec.name not in (None, "custom"):
+        name = spec.name  # kd's own zoo networks (resnet8, digits_teacher) are known by their entry
     if published and arch.backend == "torchvision":
         name = f"{arch.id}.{weights}"
     return {"name": name, "arch": arch.id, "backend": arch.backend, "weights": weights}
 
 
-def model_label(model_cfg: DictConfig | None) -> str | None:
-    record = model_record(model_cfg)
+def model_label(spec: ModelSpec | EnsembleSpec | None) -> str | None:
+    record = model_record(spec)
     return record["name"] if record else None

@@ -8,13 +8,11 @@ A new source is one branch in ``resolve`` and one reader in ``read_source``.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
-from omegaconf import DictConfig
 from torch import nn
 
 from kd.errors import KdError
@@ -22,16 +20,14 @@ from kd.models.arch import HUB_PREFIXES
 from kd.weights import files, paddle
 
 if TYPE_CHECKING:
-    from kd.models import Arch, Preprocessing
+    from kd.models import Preprocessing
+    from kd.models.spec import ModelSpec
 
 log = logging.getLogger("kd")
 
 NO_WEIGHTS = (None, "", "none", "null")  # weights=none: random initialization
 AUTO = "auto"  # weights=auto: trained once with task=train on the run's data, then cached
 LOCAL_SUFFIXES = (*files.TORCH_SUFFIXES, ".safetensors", ".pdparams")
-
-# ``weights: auto``: called with the model's config and role, trains it once (or finds it cached), gives the file.
-ObtainAuto = Callable[[DictConfig, str], Path]
 
 
 @dataclass(frozen=True)
@@ -67,17 +63,16 @@ def resolve(weights: object) -> WeightSource:
 def read_source(
     source: WeightSource,
     net: nn.Module,
-    arch: Arch,
-    model_cfg: DictConfig,
+    spec: ModelSpec,
     role: str,
-    obtain_auto: ObtainAuto | None,
 ) -> tuple[dict[str, torch.Tensor], Preprocessing | None, str]:
-    """The state dict a source gives for ``net`` (built by ``arch`` from ``model_cfg``), the preprocessing
-    it fixes (if any), and a description for the log."""
+    """The state dict a source gives for ``net`` (built by ``spec.arch``), the preprocessing it fixes (if any),
+    and a description for the log."""
+    arch = spec.arch
     if source.kind == "auto":
-        if obtain_auto is None:
+        if spec.obtain_auto is None:
             raise KdError(f"{role}.weights=auto needs a training run to obtain them; give {role}.weights=FILE")
-        return files.read_state_dict(obtain_auto(model_cfg, role)), None, f"{role}.weights=auto"
+        return files.read_state_dict(spec.obtain_auto()), None, f"{role}.weights=auto"
     if source.kind == "paddle":
         files.check_exists(Path(source.value).expanduser())
         return paddle.read_for(Path(source.value).expanduser(), net), paddle.PADDLECLAS_PREPROCESSING, source.value
@@ -96,26 +91,20 @@ def read_source(
 
 
 def load_weights(
-    net: nn.Module,
-    arch: Arch,
-    model_cfg: DictConfig,
-    role: str,
-    num_classes: int,
-    obtain_auto: ObtainAuto | None = None,
-    new_head: bool = False,
+    net: nn.Module, spec: ModelSpec, role: str, num_classes: int, new_head: bool = False
 ) -> Preprocessing | None:
-    """Load ``source`` into ``net`` (built for ``num_classes``) strictly; returns the preprocessing the
-    weights fix, if any.
+    """Load ``spec``'s weights into ``net`` (built by ``spec.arch`` for ``num_classes``) strictly; returns the
+    preprocessing the weights fix, if any.
 
     Only ``new_head`` (a student about to be trained) may get a new classifier when the weights were
     trained for another class count; anyone else is refused with one sentence.
     """
-    source, name = resolve(model_cfg.get("weights")), model_cfg.get("name", "model")
+    source, name = resolve(spec.weights), spec.name or "model"
     if source.kind == "none":
         log.info("%s %s: no weights given, random initialization", role, name)
         return None
-    state, preprocessing, description = read_source(source, net, arch, model_cfg, role, obtain_auto)
-    replaced = files.load_into(net, state, arch.classifier_prefixes(net), description)
+    state, preprocessing, description = read_source(source, net, spec, role)
+    replaced = files.load_into(net, state, spec.arch.classifier_prefixes(net), description)
     if replaced and not new_head:
         raise KdError(
             f"{role} weights {description} were trained for another number of classes than the "

@@ -15,14 +15,15 @@ from timm.data import Mixup
 from kd.data.digits import DigitsData
 from kd.data.fake import FakeImageData
 from kd.data.mixup import numpy_random_state
-from kd.data.unlabeled import UNLABELED, RatioSampler, TrainingSet
+from kd.data.sampling import RatioSampler
+from kd.data.unlabeled import UNLABELED, TrainingSet
 from kd.errors import KdError
 from kd.launch.run import user_error
 from kd.losses.labels import hard_labels, label_cross_entropy
 from kd.tasks.auto_weights import AutoWeights
 from kd.tasks.common import build_data
+from kd.tasks.models import build_teacher, cache_settings
 from kd.tasks.train import fit
-from kd.teachers.build import build_teacher
 from kd.teachers.fill import open_teacher_cache
 from tests.conftest import FAST
 
@@ -224,7 +225,7 @@ def test_the_teacher_cache_holds_the_teachers_outputs_for_unlabeled_views(make_c
     data = build_data(cfg, cfg.student)
     teacher = build_teacher(cfg, data.num_classes, AutoWeights(cfg.paths.cache_dir, cfg.data, data))
     mixer = instantiate(cfg.mixup) if mixup else None
-    store, written = open_teacher_cache(cfg, teacher, data, 1, mixer)
+    store, written = open_teacher_cache(cache_settings(cfg), teacher, data, 1, mixer)
     assert written == [0]
     unlabeled_looked_up = 0
     for batch_idx, (images, target, view_ids) in enumerate(data.training_loader(1, 0, seed=int(cfg.seed))):
@@ -237,7 +238,7 @@ def test_the_teacher_cache_holds_the_teachers_outputs_for_unlabeled_views(make_c
     assert unlabeled_looked_up > 500
     other = make_cfg(*[o.replace("0.5", "0.25") for o in overrides])
     other_data = build_data(other, other.student)
-    other_store, _ = open_teacher_cache(other, teacher, other_data, 1, mixer)
+    other_store, _ = open_teacher_cache(cache_settings(other), teacher, other_data, 1, mixer)
     assert other_store.folder != store.folder  # the fraction is part of the cache key
 
 

@@ -25,10 +25,9 @@ from kd.losses import (
 from kd.models import Classifier, Preprocessing
 from kd.models.cifar_resnet import CifarResNet
 from kd.module import DistillationModule
-from kd.students.build import build_student
 from kd.tasks.common import build_data, optimizer_factory
+from kd.tasks.models import build_student, build_teacher
 from kd.teachers import FrozenTeacher
-from kd.teachers.build import build_teacher
 from tests.tiny_models import tiny_student, tiny_teacher
 
 RGB = Preprocessing(mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), input_size=(3, 32, 32))

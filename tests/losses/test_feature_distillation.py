@@ -11,11 +11,10 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from kd.losses import FitNet
 from kd.models import Classifier, Preprocessing
 from kd.module import DistillationModule
-from kd.students.build import build_student
 from kd.tasks.auto_weights import AutoWeights
 from kd.tasks.common import build_data, optimizer_factory
+from kd.tasks.models import build_student, build_teacher
 from kd.teachers import FrozenTeacher
-from kd.teachers.build import build_teacher
 from kd.weights.files import load_into, read_state_dict
 from tests.conftest import FAST
 from tests.tiny_models import tiny_student

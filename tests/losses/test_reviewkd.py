@@ -10,7 +10,7 @@ from hydra.utils import instantiate
 from kd.errors import KdError
 from kd.losses import Features, ReviewKD
 from kd.losses.reviewkd import hierarchical_context_loss
-from tests.test_catalogue_losses import cifar_cfg, fit_steps
+from tests.losses.test_catalogue_losses import cifar_cfg, fit_steps
 from tests.tiny_models import tiny_student, tiny_teacher
 
 

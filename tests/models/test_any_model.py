@@ -19,9 +19,8 @@ from kd.launch.preflight import refuse_bad_command_line
 from kd.losses import HintonKD
 from kd.models import TimmArch, TorchvisionArch
 from kd.module import DistillationModule
-from kd.students.build import build_student
+from kd.tasks.models import build_student, build_teacher, cache_settings, model_spec
 from kd.tasks.train import distill
-from kd.teachers.build import build_teacher
 from kd.teachers.ensemble import EnsembleTeacher
 from kd.teachers.fill import teacher_identity
 from kd.weights.names import model_record
@@ -57,7 +56,9 @@ def test_a_tiny_pair_of_two_timm_families_distills_by_name_and_records_both(make
 
 
 def test_the_record_names_the_real_architecture_and_weights(make_cfg):
-    record = model_record(make_cfg("teacher=timm", "teacher.model=convnext_tiny.fb_in22k_ft_in1k").teacher)
+    record = model_record(
+        model_spec(make_cfg("teacher=timm", "teacher.model=convnext_tiny.fb_in22k_ft_in1k").teacher, "teacher")
+    )
     assert record == {
         "name": "convnext_tiny.fb_in22k_ft_in1k",
         "arch": "convnext_tiny",
@@ -65,9 +66,13 @@ def test_the_record_names_the_real_architecture_and_weights(make_cfg):
         "weights": "convnext_tiny.fb_in22k_ft_in1k",
     }
     # The old workaround: overriding the architecture of a zoo entry records the architecture built.
-    record = model_record(make_cfg("teacher=resnet50_vd", "teacher.arch.model_name=resnet34d").teacher)
+    record = model_record(
+        model_spec(make_cfg("teacher=resnet50_vd", "teacher.arch.model_name=resnet34d").teacher, "teacher")
+    )
     assert record["arch"] == "resnet34d" and record["weights"] == "resnet34d.ra2_in1k"
-    record = model_record(make_cfg("student=torchvision", "student.model=regnet_y_400mf.IMAGENET1K_V2").student)
+    record = model_record(
+        model_spec(make_cfg("student=torchvision", "student.model=regnet_y_400mf.IMAGENET1K_V2").student, "student")
+    )
     assert record["name"] == "regnet_y_400mf.IMAGENET1K_V2" and record["weights"] == "IMAGENET1K_V2"
 
 
@@ -106,7 +111,7 @@ def test_the_users_own_module_by_target(make_cfg):
         sys.path.remove(str(ROOT / "examples"))
     assert student.net.head.out_features == 7 and student.net.head.in_features == 8
     assert student.preprocessing.mean == (0.5, 0.5, 0.5) and student.preprocessing.input_size == (3, 32, 32)
-    assert model_record(cfg.student)["name"] == "my_models.Net(width=4)"
+    assert model_record(model_spec(cfg.student, "student"))["name"] == "my_models.Net(width=4)"
 
 
 @pytest.mark.slow
@@ -149,25 +154,25 @@ def test_an_ensemble_averages_probabilities_or_logits_with_weights(make_cfg):
     assert torch.allclose(by_logits(images), 0.75 * first + 0.25 * second, atol=1e-5)
 
 
-def test_the_cache_identity_names_every_member(make_cfg):
-    cfg = make_cfg(*TINY, *ENSEMBLE, "student=timm", "student.model=test_resnet")
+def test_the_cache_identity_names_every_member(make_cfg, tmp_path):
+    cfg = make_cfg(*TINY, *ENSEMBLE, "student=timm", "student.model=test_resnet", f"teacher.cache={tmp_path}")
     from kd.tasks.common import build_data
 
     data = build_data(cfg, cfg.student)
     views = SeededViews(data.train_set, 0)
-    identity = teacher_identity(cfg, ensemble_of(make_cfg), data, views, 10)
+    identity = teacher_identity(cache_settings(cfg), ensemble_of(make_cfg), data, views, 10)
     members = identity["teacher"]["ensemble"]["members"]
     assert [m["name"] for m in members] == ["timm:test_resnet", "timm:test_efficientnet"]
-    other = teacher_identity(cfg, ensemble_of(make_cfg, "teacher.combine=logits"), data, views, 10)
+    other = teacher_identity(cache_settings(cfg), ensemble_of(make_cfg, "teacher.combine=logits"), data, views, 10)
     assert other["teacher"]["ensemble"]["combine"] == "logits"
 
 
 def test_an_ensemble_refuses_feature_losses_and_bad_settings(make_cfg):
-    from kd.tasks.checks import check_ensemble_loss
+    from kd.tasks.checks import check_ensemble
 
     cfg = make_cfg(*ENSEMBLE, "loss=fitnet")
     with pytest.raises(KdError, match="teacher=ensemble has one set per member; use a logit loss"):
-        check_ensemble_loss(cfg.teacher, instantiate(cfg.loss))
+        check_ensemble(cfg, instantiate(cfg.loss))
     with pytest.raises(KdError, match=r"teacher.weights_per_member=\[1\] must give 2"):
         ensemble_of(make_cfg, "teacher.weights_per_member=[1]")
     with pytest.raises(KdError, match="teacher.combine=max is unknown"):

@@ -11,8 +11,7 @@ import torch
 from omegaconf import OmegaConf
 
 from kd.launch.configs import CONF_DIR
-from kd.students.build import build_student
-from kd.teachers.build import build_teacher_model
+from kd.tasks.models import build_student, build_teacher_model
 from kd.zoo import describe
 
 REFERENCE = json.loads((Path(__file__).parents[1] / "fixtures" / "cifar_zoo_reference.json").read_text())

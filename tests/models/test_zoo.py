@@ -13,8 +13,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from kd.launch.configs import CONF_DIR, register_models
-from kd.students.build import build_student
-from kd.teachers.build import build_teacher_model
+from kd.tasks.models import build_student, build_teacher_model
 from kd.zoo import describe, model_names, table
 from tests.conftest import ROOT
 

@@ -22,7 +22,7 @@ def test_multirun_over_every_loss_runs_each_job_to_the_end(tmp_path, cache_dir):
         "-m",
         f"loss={','.join(LOSSES)}",
         *FAST,
-        "logger=csv",  # a wandb run per sweep job: tests/test_dashboards.py
+        "logger=csv",  # a wandb run per sweep job: tests/results/test_dashboards.py
         f"hydra.sweep.dir={sweep}",
         cwd=tmp_path,
         cache_dir=cache_dir,

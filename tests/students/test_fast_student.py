@@ -11,13 +11,12 @@ from torch import nn
 
 from kd.errors import KdError
 from kd.module import DistillationModule
-from kd.students.build import build_student
 from kd.students.card import card_for
 from kd.students.export import export_student
 from kd.students.fast import is_conv_net, wants_channels_last
 from kd.tasks.common import build_data, optimizer_factory
+from kd.tasks.models import build_student, build_teacher
 from kd.tasks.train import fit
-from kd.teachers.build import build_teacher
 
 # CRD's CIFAR pair at its smallest: resnet8 teaches resnet20, random weights, 10 random 32 px classes.
 PAIR = [

@@ -18,11 +18,11 @@ from sklearn.datasets import load_digits
 
 from kd.errors import KdError
 from kd.launch.configs import CONF_DIR
-from kd.students.build import build_student
 from kd.students.card import CHECKPOINT_KEY, StudentCard, read_card
 from kd.students.export import check_matches
 from kd.tasks.evaluate import evaluate
 from kd.tasks.export import export
+from kd.tasks.models import build_student
 from kd.tasks.predict import predict
 from kd.tasks.train import distill
 from tests.conftest import FAST, run_cli

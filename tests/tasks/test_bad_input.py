@@ -18,8 +18,8 @@ from kd.launch.run import user_error
 from kd.losses import DistillationLoss
 from kd.tasks.checks import check_loss_gives_gradient, check_run_length
 from kd.tasks.common import build_data, build_trainer
+from kd.tasks.models import build_teacher_model
 from kd.tasks.train import fit
-from kd.teachers.build import build_teacher_model
 from tests.conftest import FAST, run_cli
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))

@@ -8,7 +8,7 @@ from hydra.utils import instantiate
 
 from kd.errors import KdError
 from kd.losses import DecoupledKD, FitNet, HintonKD, LabelCrossEntropy
-from kd.results.files import choices
+from kd.tasks.records import choices
 from kd.tasks.train import fit
 
 PAIRS = {"": ("resnet32x4", "resnet8x4"), "_wrn": ("wrn_40_2", "wrn_16_2")}

@@ -4,8 +4,8 @@ import pytest
 from hydra.utils import instantiate
 
 from kd.losses import SoftTargetCrossEntropy, SymmetricKL
-from kd.results.files import choices
 from kd.tasks.common import optimizer_factory
+from kd.tasks.records import choices
 
 
 def test_resnet50_vd_baidu_recipe(make_cfg):

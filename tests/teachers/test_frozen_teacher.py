@@ -4,11 +4,10 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from kd.module import DistillationModule
-from kd.students.build import build_student
 from kd.tasks.auto_weights import AutoWeights
 from kd.tasks.common import build_data, optimizer_factory
+from kd.tasks.models import build_student, build_teacher
 from kd.teachers import fingerprint
-from kd.teachers.build import build_teacher
 from tests.conftest import FAST
 
 

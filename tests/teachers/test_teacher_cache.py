@@ -19,12 +19,12 @@ from kd.errors import KdError
 from kd.module import DistillationModule
 from kd.tasks.auto_weights import AutoWeights
 from kd.tasks.cache_teacher import cache_teacher
-from kd.tasks.common import build_data
+from kd.tasks.common import build_data, planned_trainer
+from kd.tasks.models import build_teacher, cache_settings
 from kd.tasks.train import fit
 from kd.teachers import FrozenTeacher
-from kd.teachers.build import build_teacher
 from kd.teachers.cache import decode, encode, resolve_topk
-from kd.teachers.fill import epochs_to_cover, open_teacher_cache, planned_trainer
+from kd.teachers.fill import epochs_to_cover, open_teacher_cache
 from tests.conftest import FAST, ROOT, run_cli
 
 # Short runs: 2 epochs of 4 steps, enough to see every step's loss move.
@@ -191,7 +191,7 @@ def open_cache(cfg, epochs=1, change=None, world_size=1):
     if change == "transform":  # the same data config, another augmentation
         data.train_set.max_shift = 2
     mixup = instantiate(cfg.mixup) if cfg.get("mixup") else None
-    return open_teacher_cache(cfg, teacher, data, epochs, mixup, world_size)
+    return open_teacher_cache(cache_settings(cfg), teacher, data, epochs, mixup, world_size)
 
 
 def test_a_sweep_over_losses_and_students_shares_one_cache(make_cfg, tmp_path):

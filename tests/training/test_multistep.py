@@ -10,7 +10,7 @@ import json
 import pytest
 import torch
 
-import tests.test_resume as resume_machinery
+import tests.training.test_resume as resume_machinery
 from kd.errors import KdError
 from kd.tasks.train import fit
 from kd.training.multistep import warmup_multistep
@@ -113,7 +113,7 @@ def test_the_schedule_state_round_trips():
         assert first.param_groups[0]["lr"] == second.param_groups[0]["lr"]
 
 
-# The digits recipe of tests/test_resume.py, with the multistep schedule: 2 epochs of 22 steps, a drop at
+# The digits recipe of tests/training/test_resume.py, with the multistep schedule: 2 epochs of 22 steps, a drop at
 # epoch 1 after a 0.5-epoch warmup, checkpoints every 3 steps.
 RESUME_RUN = [*FAST, "callbacks.checkpoint.every_n_train_steps=3", "sched=multistep", "sched.milestones=[1]"]
 RESUME_RUN += ["sched.warmup_epochs=0.5", "logger=csv"]  # the LR is read from the csv log; wandb resume: test_resume

@@ -18,8 +18,8 @@ from kd.data.sampling import ResumableSampler, SeededViews, validation_sampler
 from kd.launch.run import user_error
 from kd.tasks.auto_weights import AutoWeights
 from kd.tasks.common import build_data
+from kd.tasks.models import build_teacher
 from kd.tasks.train import fit
-from kd.teachers.build import build_teacher
 from kd.training.resume import RestoreRng
 from tests.conftest import FAST, ROOT, run_cli
 

@@ -16,9 +16,8 @@ from kd.data.mixup import BatchMixup
 from kd.errors import KdError
 from kd.losses import HintonKD
 from kd.module import DistillationModule
-from kd.students.build import build_student
 from kd.tasks.common import optimizer_factory
-from kd.teachers.build import build_teacher_model
+from kd.tasks.models import build_student, build_teacher_model
 from tests.conftest import run_cli
 from tests.tiny_models import tiny_student, tiny_teacher
 

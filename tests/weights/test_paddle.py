@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from kd.errors import KdError
 from kd.launch.configs import CONF_DIR
-from kd.teachers.build import build_teacher_model
+from kd.tasks.models import build_teacher_model
 from kd.weights.convert import main as weights_main
 from kd.weights.paddle import PADDLECLAS_PREPROCESSING, read_pdparams
 from tests.conftest import ROOT

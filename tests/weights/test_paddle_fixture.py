@@ -15,7 +15,7 @@ import torch
 from omegaconf import OmegaConf
 
 from kd.launch.configs import CONF_DIR
-from kd.teachers.build import build_teacher_model
+from kd.tasks.models import build_teacher_model
 from kd.weights.paddle import PADDLECLAS_PREPROCESSING
 from tests.conftest import ROOT
 

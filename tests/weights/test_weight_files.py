@@ -14,8 +14,7 @@ from safetensors.torch import save_file
 from kd.errors import KdError
 from kd.launch.configs import CONF_DIR
 from kd.models import TimmArch, TorchvisionArch
-from kd.students.build import build_student
-from kd.teachers.build import build_teacher_model
+from kd.tasks.models import build_student, build_teacher_model
 from tests.conftest import run_cli
 
 NUM_CLASSES = 100
