@@ -1,8 +1,9 @@
 """The model zoo: every ``conf/model/<name>.yaml``, usable as ``teacher=<name>`` or ``student=<name>``.
 
 ``python -m kd.zoo`` prints a table (backend and id, parameters, default input, weight sources);
-``python -m kd.zoo --json`` prints the same as a JSON list. Parameters are counted on PyTorch's meta
-device: the network is built without allocating or initializing any weight.
+``python -m kd.zoo --json`` prints the same as a JSON list. ``python -m kd.zoo NAME ... --macs`` prints only those
+models, with the multiply-adds of one image at the model's input size. Parameters and multiply-adds are counted
+on PyTorch's meta device: the network is built and run without allocating or initializing any weight.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from torch.utils.flop_counter import FlopCounterMode
 
 from kd.launch.configs import CONF_DIR
 from kd.weights import paddle
@@ -40,6 +42,7 @@ class ZooEntry:
     default_weights: str | None
     weights: list[str]  # published weights by name (timm tags, torchvision weights names)
     sources: list[str]  # the kinds of weights= this model takes
+    macs: int | None = None  # multiply-adds of one image at input_size (--macs)
 
 
 def model_names(conf_dir: Path = CONF_DIR) -> list[str]:
@@ -52,7 +55,18 @@ def count_parameters(arch, num_classes: int) -> int:
     return sum(parameter.numel() for parameter in net.parameters())
 
 
-def describe(name: str, conf_dir: Path = CONF_DIR) -> ZooEntry:
+def count_macs(arch, num_classes: int, input_size: tuple[int, ...]) -> int:
+    """Multiply-adds of one image's forward pass: FlopCounterMode's FLOPs (2 per multiply-add of the convolutions
+    and matrix products) halved, the unit the architecture papers report as "FLOPs"."""
+    counter = FlopCounterMode(display=False)
+    with torch.device("meta"):
+        net = arch.build(num_classes).eval()
+        with counter:
+            net(torch.zeros(1, *input_size))
+    return counter.get_total_flops() // 2
+
+
+def describe(name: str, conf_dir: Path = CONF_DIR, macs: bool = False) -> ZooEntry:
     cfg = OmegaConf.load(conf_dir / "model" / f"{name}.yaml")
     arch = instantiate(cfg.arch)
     preprocessing = arch.preprocessing()
@@ -78,21 +92,25 @@ def describe(name: str, conf_dir: Path = CONF_DIR) -> ZooEntry:
         default_weights=names[0] if default == "pretrained" and names else default,
         weights=names,
         sources=sources,
+        macs=count_macs(arch, arch.num_classes, preprocessing.input_size) if macs else None,
     )
 
 
-def zoo(conf_dir: Path = CONF_DIR) -> list[ZooEntry]:
-    return [describe(name, conf_dir) for name in model_names(conf_dir)]
+def zoo(conf_dir: Path = CONF_DIR, names: list[str] | None = None, macs: bool = False) -> list[ZooEntry]:
+    return [describe(name, conf_dir, macs) for name in names or model_names(conf_dir)]
 
 
 def table(entries: list[ZooEntry]) -> str:
-    header = ("name", "backend", "id", "params (M)", "input", "classes", "default weights", "other weight sources")
+    with_macs = any(e.macs is not None for e in entries)
+    header = ("name", "backend", "id", "params (M)") + ("GMACs",) * with_macs
+    header += ("input", "classes", "default weights", "other weight sources")
     rows = [
         (
             e.name,
             e.backend,
             e.id,
             f"{e.params / 1e6:.2f}" if e.params >= 100_000 else f"{e.params / 1e6:.4f}",
+            *([f"{e.macs / 1e9:.3f}" if e.macs is not None else "-"] * with_macs),
             "x".join(map(str, e.input_size)),
             str(e.num_classes),
             e.default_weights or "none",
@@ -103,7 +121,7 @@ def table(entries: list[ZooEntry]) -> str:
         for e in entries
     ]
     widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
-    right = {3, 5}  # numbers
+    right = {3, 4, 6} if with_macs else {3, 5}  # numbers
 
     def line(cells) -> str:
         return "  ".join(
@@ -111,6 +129,7 @@ def table(entries: list[ZooEntry]) -> str:
         ).rstrip()
 
     legend = [
+        *(["", "GMACs: 10^9 multiply-adds of one image at the input size (FLOPs in the papers' tables)"] * with_macs),
         "",
         "weight sources (teacher.weights= / student.weights=):",
         "  pretrained           the default weights above (timm and torchvision download them where a network is",
@@ -127,9 +146,14 @@ def table(entries: list[ZooEntry]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m kd.zoo", description=__doc__.splitlines()[0])
+    parser.add_argument("names", nargs="*", help="only these models (default: the whole zoo)")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    parser.add_argument("--macs", action="store_true", help="also count multiply-adds at the input size")
     args = parser.parse_args(argv)
-    entries = zoo()
+    unknown = sorted(set(args.names) - set(model_names()))
+    if unknown:
+        parser.error(f"{', '.join(unknown)} not in the zoo; python -m kd.zoo lists it")
+    entries = zoo(names=args.names, macs=args.macs)
     if args.json:
         print(json.dumps([asdict(e) for e in entries], indent=2))
     else:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import copy
+import functools
 import os
 import subprocess
 import sys
@@ -7,14 +9,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from kd.launch.configs import CONF_DIR, register_models
 
 ROOT = Path(__file__).resolve().parents[1]
 # Short digits recipes: enough to exercise every code path in seconds, not to reach good accuracy.
-# Short runs; the deployed student's speed (seconds of timing per run) is measured in tests/students/test_student_speed.py.
+# Short runs; the deployed student's speed (seconds per run) is measured in tests/students/test_student_speed.py.
 FAST = ["teacher.pretrain.epochs=3", "student.pretrain.epochs=2", "trainer.max_epochs=2", "student.measure_speed=false"]
 
 register_models()
@@ -24,28 +27,42 @@ register_models()
 os.environ["WANDB_MODE"] = "disabled"
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # pytest -n N: N processes share the cores, each computing on one thread; runs through run.py inherit it.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory) -> Path:
-    """One weights=auto cache for the whole session, so the digits models are trained once."""
-    return tmp_path_factory.mktemp("kd-cache")
+    """One weights=auto cache for the whole session, so the digits models are trained once: under pytest-xdist
+    one for all workers (kd's cache takes a file lock while it trains a model)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, above each worker's own
+    path = root / "kd-cache"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+@functools.cache
+def composed(overrides: tuple[str, ...]) -> DictConfig:
+    """kd's config with ``overrides``, composed once per pytest session for each set of overrides."""
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=True)
 
 
 @pytest.fixture
 def make_cfg(tmp_path, cache_dir) -> Callable[..., DictConfig]:
+    """A fresh copy of the composed config, writing under this test's ``tmp_path``. The deployed student's speed
+    (seconds of timing per run) is off: tests/students/test_student_speed.py asks for it; a later override wins."""
+
     def _make(*overrides: str) -> DictConfig:
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            return compose(
-                "config",
-                # student.measure_speed: seconds of timing per run, tested on its own (tests/students/test_student_speed.py);
-                # a later override wins.
-                overrides=[
-                    f"paths.output_dir={tmp_path / 'out'}",
-                    f"paths.cache_dir={cache_dir}",
-                    "student.measure_speed=false",
-                    *overrides,
-                ],
-                return_hydra_config=True,
-            )
+        cfg = copy.deepcopy(composed(("student.measure_speed=false", *overrides)))
+        with open_dict(cfg):
+            cfg.paths.output_dir = str(tmp_path / "out")
+            cfg.paths.cache_dir = str(cache_dir)
+        return cfg
 
     return _make
 

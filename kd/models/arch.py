@@ -281,9 +281,11 @@ class ModuleArch:
         interpolation: str = "bilinear",
         crop_pct: float = 1.0,
         num_classes: int = 10,
+        no_weights: str | None = None,
     ) -> None:
         self.net = net
         self._num_classes = num_classes
+        self.no_weights = no_weights  # why ``weights=pretrained`` cannot be had (said when it is asked for)
         self._preprocessing = Preprocessing(
             mean=tuple(mean),
             std=tuple(std),
@@ -331,6 +333,11 @@ class ModuleArch:
         return []
 
     def pretrained_state(self, name: str) -> tuple[dict[str, torch.Tensor], Preprocessing]:
+        if self.no_weights:
+            raise KdError(
+                f"{self.id} has no published PyTorch weights ({self.no_weights}); pass a local weights file "
+                "(weights=/path/to/file.safetensors) or weights=none"
+            )
         raise KdError(
             f"{self.id} has no published weights named '{name}'; pass weights=auto (train once and cache), "
             "a local weights file, or none"

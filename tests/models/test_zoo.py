@@ -68,6 +68,16 @@ SEED_ARTICLE_MODELS = [
     "efficientnet_b7",
     "mnasnet",
     "nfnet_f0",
+    "igc_v1",  # IGC-L100M2; the table's other two rows follow
+    "igc_v1_l4m32",
+    "igc_v1_l16m16",
+    "shufflenet_v1_g1",
+    "shufflenet_v1_g2",
+    "shufflenet_v1_g3",
+    "shufflenet_v1_g4",
+    "shufflenet_v1_g8",
+    "attention56",
+    "attention92",
     "resnet8x4",
     "resnet32x4",
     "digits_teacher",
@@ -163,6 +173,16 @@ def test_table_lists_name_backend_id_params_input_and_sources():
     assert vd.split()[:6] == ["resnet50_vd", "timm", "resnet50d", "25.58", "3x224x224", "1000"]
     assert "resnet50d.ra2_in1k" in vd and re.search(r"timm tag \(\d+\), file, pdparams$", vd)
     assert cifar.split()[:2] == ["resnet8x4", "kd"] and "1.23" in cifar
+
+
+def test_zoo_cli_prints_the_named_models_with_their_multiply_adds(capsys):
+    from kd.zoo import main
+
+    assert main(["shufflenet_v1_g3", "resnet8x4", "--macs"]) == 0
+    header, _, shufflenet, cifar = capsys.readouterr().out.splitlines()[:4]
+    assert header.split()[:6] == ["name", "backend", "id", "params", "(M)", "GMACs"]
+    assert shufflenet.split()[0] == "shufflenet_v1_g3" and shufflenet.split()[3:5] == ["1.87", "0.137"]
+    assert cifar.split()[0] == "resnet8x4" and re.search(r" 1\.23 +0\.177 +3x32x32 ", cifar)  # at 32 px
 
 
 @pytest.mark.slow

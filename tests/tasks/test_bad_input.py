@@ -441,6 +441,15 @@ def test_a_worker_error_stays_one_line(tmp_path):
     assert "\n" not in str(refused.value)
 
 
+def test_pretrained_weights_of_a_model_without_published_ones_are_refused(tmp_path):
+    """IGC V1, ShuffleNet V1 and the Residual Attention Network have no published PyTorch weights (the student's
+    refusal, the same sentence, is tested in tests/models/test_seed_zoo_rows.py)."""
+    args = ("data=fake", "teacher=attention92", "teacher.weights=pretrained")
+    result = run_cli(*args, cwd=tmp_path, cache_dir=tmp_path / "cache")
+    assert_refused(result, "has no published PyTorch weights (the authors released", tmp_path, tmp_path / "cache")
+    assert "weights=none" in result.stderr.strip().splitlines()[-1]
+
+
 # ---------------------------------------------------------------- teacher.precision
 
 
