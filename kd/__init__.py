@@ -4,6 +4,7 @@ From Python (the README's "Using kd from Python")::
 
     import kd
     results = kd.distill(teacher, student, train_loader, val_loader, loss="kd", epochs=10)
+    int8 = kd.quantize(student, teacher, train_loader, val_loader, output_dir="deploy")  # student.int8.onnx
 
 or, in a Lightning project of one's own, ``kd.DistillationModule(student, kd.losses.HintonKD(), optimizer,
 teacher=teacher)`` with any ``LightningDataModule`` yielding ``(images in [0, 1], labels)``.
@@ -20,7 +21,7 @@ __version__ = "0.1.0"
 
 if TYPE_CHECKING:
     from kd import losses
-    from kd.api import distill
+    from kd.api import distill, quantize
     from kd.data.loaders import LoaderData
     from kd.errors import KdError
     from kd.models.classifier import Classifier, Preprocessing
@@ -38,6 +39,7 @@ _HOMES = {
     "Preprocessing": "kd.models.classifier",
     "as_classifier": "kd.models.wrap",
     "distill": "kd.api",
+    "quantize": "kd.api",
     "losses": "kd.losses",
 }
 
@@ -52,6 +54,7 @@ __all__ = [
     "as_classifier",
     "distill",
     "losses",
+    "quantize",
 ]
 
 

@@ -12,13 +12,11 @@ from __future__ import annotations
 import logging
 import shutil
 import tempfile
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from hydra import compose
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict
 from torch import nn
@@ -26,8 +24,8 @@ from torch.utils.data import DataLoader
 
 from kd.data.loaders import LoaderData
 from kd.errors import KdError
-from kd.io import CONF_DIR
-from kd.launch.configs import register_models
+from kd.launch.keys import kd_hydra, unknown_key_problem
+from kd.launch.preflight import config_groups
 from kd.losses.base import DistillationLoss
 from kd.models.wrap import as_classifier, model_name
 from kd.results.dashboards import finish_dashboards
@@ -67,28 +65,16 @@ def option_overrides(options: Mapping[str, Any]) -> list[str]:
     return overrides
 
 
-@contextmanager
-def kd_hydra() -> Iterator[None]:
-    """Hydra pointed at kd's ``conf/`` for one compose, leaving a caller's own Hydra (if any) as it was."""
-    register_models()  # run.py does this at import: every conf/model yaml as teacher=NAME and student=NAME
-    global_hydra = GlobalHydra.instance()
-    saved = global_hydra.hydra
-    global_hydra.clear()
-    try:
-        with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
-            yield
-    finally:
-        global_hydra.clear()
-        if saved is not None:
-            global_hydra.initialize(saved)
-
-
-def run_config(overrides: Sequence[str]) -> DictConfig:
-    """kd's ``task=distill`` config with ``overrides``, as ``python run.py OVERRIDES`` composes it."""
+def run_config(overrides: Sequence[str], task: str = "distill") -> DictConfig:
+    """kd's ``task=<task>`` config with ``overrides``, as ``python run.py OVERRIDES`` composes it."""
     try:
         with kd_hydra():
-            return compose("config", overrides=["task=distill", *overrides], return_hydra_config=True)
+            return compose("config", overrides=[f"task={task}", *overrides], return_hydra_config=True)
     except HydraException as error:
+        # optim={"learning_rate": 0.1}: the one line python run.py gives
+        unknown = unknown_key_problem([f"task={task}", *overrides], set(config_groups()))
+        if unknown is not None:
+            raise unknown from None
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise KdError(
             f"the options {list(overrides)} are not a valid kd run ({first}); use the keys of python run.py's "
@@ -191,3 +177,48 @@ def describe_run(
         choices.teacher, choices.student, choices.data = cfg.teacher.name, cfg.student.name, "dataloaders"
         if not isinstance(loss, str):
             choices.loss = type(loss).__name__
+
+
+def quantize(
+    student: nn.Module,
+    teacher: nn.Module,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    /,
+    output_dir: str | Path,
+    method: str = "qad",
+    loss: str | DistillationLoss = "kd",
+    epochs: int = 3,
+    calibration_batches: int = 8,
+    *,
+    seed: int = 0,
+    class_names: Sequence[str] | None = None,
+    overrides: Sequence[str] = (),
+    **options: Any,
+) -> dict[str, Any]:
+    """``python run.py task=quantize`` on a trained ``student`` (a ``kd.distill`` result, say) and its ``teacher``:
+    writes ``student.onnx`` and ``student.int8.onnx`` (with their cards) and ``results.json`` into ``output_dir``
+    and returns the results. ``method``: ``qad`` (``epochs`` of distillation from the frozen fp32 teacher while
+    fake-quantized, with ``loss``) or ``ptq`` (calibration only). The student itself is left as it is; other
+    settings are keywords named like config keys (``optim={"lr": 0.05}``, ``quantize={"lr_scale": 0.2}``)."""
+    if not isinstance(loss, str | DistillationLoss):
+        raise KdError(f"loss must be a conf/loss name such as 'kd' or a kd.losses object, got {type(loss).__name__}")
+    settings = option_overrides({"logger": "none", **options})
+    quantize_settings = [f"quantize.method={method}", f"quantize.epochs={epochs}"]
+    quantize_settings.append(f"quantize.calibration_batches={calibration_batches}")
+    loss_choice = ["loss=" + loss] if isinstance(loss, str) else []
+    cfg = run_config([*loss_choice, *quantize_settings, *settings, *overrides], task="quantize")
+    teacher_cfg = cfg.teacher
+    freeze = lambda model: FrozenTeacher(  # noqa: E731 - as in distill
+        model,
+        bn_train_mode=bool(teacher_cfg.get("bn_train_mode", False)),
+        channels_last=bool(teacher_cfg.get("channels_last", True)),
+        compile=bool(teacher_cfg.get("compile", False)),
+    )
+    student_model, frozen, num_classes = checked_models(as_classifier(student), teacher, None, freeze)
+    data = LoaderData(train_loader, val_loader, num_classes, class_names)
+    describe_run(cfg, frozen, student_model, data, loss, seed, None, Path(output_dir), temporary=False)
+    given = Given(data=data, student=student_model, teacher=frozen, loss=None if isinstance(loss, str) else loss)
+    from kd.tasks.quantize import quantize_student  # the ONNX Runtime quantizer loads only when asked for
+
+    return quantize_student(cfg, given)

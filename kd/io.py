@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from kd.errors import WriteError
+
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"  # conf/: one Hydra group per choice
 MODEL_ROLES = ("teacher", "student")  # both offered from conf/model/ (kd.launch.configs.register_models)
 
@@ -20,11 +22,17 @@ def current_umask() -> int:
     return mask
 
 
-def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``."""
+def write_atomic(path: str | Path, write: Callable[[Path], None], what: str = "file") -> Path:
+    """Call ``write(tmp_path)`` on a temporary file beside ``path``, then rename it over ``path``.
+
+    A failed write (a full disk: ENOSPC, or any OSError) removes the temporary file, leaves ``path`` as it was
+    and raises a ``WriteError`` naming the ``what`` and the cause."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:
+        raise WriteError.of(path, what, error) from error
     os.close(fd)
     try:
         write(Path(tmp))
@@ -33,14 +41,26 @@ def write_atomic(path: str | Path, write: Callable[[Path], None]) -> Path:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         Path(tmp).unlink(missing_ok=True)
+        if failed_write(error):
+            raise WriteError.of(path, what, error) from error
         raise
     return path
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
+def failed_write(error: BaseException) -> bool:
+    """An OSError, or a writer's own report of one (torch.save: "file write failed"; safetensors: an IoError)."""
+    if isinstance(error, WriteError):
+        return False
+    if isinstance(error, OSError):
+        return True
+    text = str(error)
+    return "write failed" in text or (type(error).__name__ == "SafetensorError" and "IoError" in text)
+
+
+def write_json_atomic(path: str | Path, obj: Any, what: str = "file") -> Path:
     def write(tmp: Path) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
-    return write_atomic(path, write)
+    return write_atomic(path, write, what)

@@ -88,6 +88,13 @@ class DistillationModule(L.LightningModule):
                 f"loss {type(loss).__name__} needs a teacher, but this task trains on labels only; use loss=ce"
             )
         student, teacher, num_classes = checked_models(student, teacher, num_classes)
+        # A teacher without a classifier (timm's num_classes=0) gives features: it teaches feature losses only.
+        self.embedding_teacher = bool(getattr(getattr(teacher, "teacher", teacher), "embedding", False))
+        if self.embedding_teacher and loss.uses_teacher_logits:
+            raise KdError(
+                f"loss {type(loss).__name__} compares class predictions, but the teacher has no classifier "
+                "(num_classes=0) and gives features only; use loss=feature_kd or another feature loss"
+            )
         self.student = student
         self.loss = loss
         self.__dict__["teacher"] = teacher  # bypasses nn.Module registration, see the class docstring
@@ -146,7 +153,8 @@ class DistillationModule(L.LightningModule):
             student_logits, student_features = self.student.forward_with_features(images, stages.student)
         else:
             student_logits, student_features = self.student_forward(images), {}
-        check_same_classes(student_logits, teacher_logits)
+        if not self.embedding_teacher:
+            check_same_classes(student_logits, teacher_logits)
         indices = view_ids[:, 0] if view_ids is not None else None  # plain (images, labels) batches carry none
         features = Features(student_features, teacher_features, indices=indices)
         loss = self.loss(student_logits, teacher_logits, target, features)
@@ -187,7 +195,7 @@ class DistillationModule(L.LightningModule):
         if self.student_ema is not None:
             self.val_student_ema.update(self.student_ema.module(images), target)
             self.log_dict(self.val_student_ema)
-        if self.teacher is not None:
+        if self.teacher is not None and not self.embedding_teacher:  # an embedding teacher predicts no class
             teacher_logits = self.teacher(images)
             check_same_classes(student_logits, teacher_logits)
             self.val_teacher.update(teacher_logits, target)

@@ -40,6 +40,7 @@ log = logging.getLogger("kd")
 SEED_KEY = "seed"
 BASELINE_LOSS = "ce"
 TOP1 = "student/top1"
+FP32_TOP1 = "student_fp32/top1"  # task=quantize: the fp32 ONNX student; its student/top1 is the INT8 file's
 REPORTS = {
     "last": "metrics after the last epoch",
     "best": "metrics of the validation with the best student top-1 during training (its epoch in summary.csv)",
@@ -230,7 +231,9 @@ def markdown_table(jobs: list[Job], grouped: tuple[list[Variant], list[str]] | N
     ``grouped``: ``group_variants(jobs)``, when the caller has it already."""
     variants, common = grouped or group_variants(jobs)
     rows = ranked(variants)
-    optional = [key for key in ("student/top5", "agreement", "teacher/top1") if any(key in j.metrics for j in jobs)]
+    optional = [
+        key for key in ("student/top5", "agreement", "teacher/top1", FP32_TOP1) if any(key in j.metrics for j in jobs)
+    ]
     with_baseline = any(baseline_of(v, variants) for v in rows)
     header = ["variant", "seeds", "student top-1 %"] + ["Δ top-1 vs ce (points)"] * with_baseline
     header += [COLUMN_TITLES[key] for key in optional]
@@ -266,14 +269,24 @@ def published_cells(variant: Variant) -> list[str]:
 
 
 def latency_ms(job: Job) -> float | None:
-    """The final student's eager latency at batch 1 (kd.students.speed), when the job measured it."""
-    return (job.results.get("student_speed") or {}).get("eager", {}).get("batch1_ms_per_image")
+    """The final student's latency at batch 1 (kd.students.speed), when the job measured it: eager PyTorch, or
+    for a ``task=quantize`` job its INT8 ONNX file in ONNX Runtime."""
+    speed = job.results.get("student_speed") or {}
+    return (speed.get("int8_onnx") or speed.get("eager") or {}).get("batch1_ms_per_image")
+
+
+def fp32_point(job: Job) -> tuple[float, float] | None:
+    """A ``task=quantize`` job's fp32 ONNX student: (latency ms at batch 1, top-1 %), beside its INT8 point."""
+    fp32 = (job.results.get("student_speed") or {}).get("fp32_onnx", {}).get("batch1_ms_per_image")
+    top1 = job.metrics.get(FP32_TOP1)
+    return (fp32, 100 * top1) if fp32 is not None and top1 is not None else None
 
 
 def speed_cells(variant: Variant) -> list[str]:
     """Mean latency at batch 1 and FLOPs per image of the variant's final students (the same net across seeds)."""
     latencies = [ms for ms in map(latency_ms, variant.finished) if ms is not None]
-    flops = [job.results["student_speed"]["flops_per_image"] for job in variant.finished if latency_ms(job)]
+    flops = [job.results["student_speed"].get("flops_per_image") for job in variant.finished if latency_ms(job)]
+    flops = [f for f in flops if f is not None]
     return [
         f"{statistics.mean(latencies):.2f}" if latencies else "—",
         f"{statistics.mean(flops) / 1e6:.1f}" if flops else "—",
@@ -284,6 +297,7 @@ COLUMN_TITLES = {
     "student/top5": "student top-5 %",
     "agreement": "agreement %",
     "teacher/top1": "teacher top-1 % (student's view)",
+    FP32_TOP1: "fp32 ONNX top-1 % (quantize: student top-1 is INT8)",
 }
 
 
@@ -377,7 +391,17 @@ def tradeoff(axes, rows: list[Variant], colors: dict[str, str]) -> None:
         points = [(ms, top1) for ms, top1 in points if ms is not None]
         if points:
             axes.scatter(*zip(*points, strict=True), color=colors[variant.label], label=variant.label, s=30)
-    axes.set_xlabel("student latency, ms per image at batch 1 (eager, run's device)")
+        fp32 = [point for job in variant.finished if (point := fp32_point(job))]
+        if fp32:  # task=quantize: the fp32 file as a hollow marker, an arrow to its INT8 file
+            axes.scatter(*zip(*fp32, strict=True), facecolors="none", edgecolors=colors[variant.label], s=30)
+            for job in variant.finished:
+                if (start := fp32_point(job)) and latency_ms(job) is not None and TOP1 in job.metrics:
+                    end = (latency_ms(job), 100 * job.metrics[TOP1])
+                    axes.annotate("", end, start, arrowprops={"arrowstyle": "->", "color": colors[variant.label]})
+    if any(fp32_point(job) for variant in rows for job in variant.finished):
+        axes.scatter([], [], facecolors="none", edgecolors="k", s=30, label="fp32 ONNX (hollow) -> INT8 ONNX (filled)")
+        axes.legend(fontsize="small")
+    axes.set_xlabel("student latency, ms per image at batch 1 (eager, run's device; quantize: ONNX Runtime)")
     axes.set_ylabel("student top-1 %")
     axes.set_title("accuracy vs latency")
     axes.grid(alpha=0.3)

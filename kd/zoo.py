@@ -4,6 +4,9 @@
 ``python -m kd.zoo --json`` prints the same as a JSON list. ``python -m kd.zoo NAME ... --macs`` prints only those
 models, with the multiply-adds of one image at the model's input size. Parameters and multiply-adds are counted
 on PyTorch's meta device: the network is built and run without allocating or initializing any weight.
+``python -m kd.zoo layers MODEL`` prints MODEL's module names (what ``loss.student_layers`` / ``loss.teacher_layers``
+take) with their output shapes, from one forward pass of a zero image at the model's input size (random weights).
+MODEL is a zoo name, timm:NAME, torchvision:NAME, or a timm name.
 """
 
 from __future__ import annotations
@@ -144,7 +147,62 @@ def table(entries: list[ZooEntry]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows), *legend])
 
 
+def layers(spec: str, image_size: int | None = None) -> str:
+    """The module table of ``spec`` (see the module docstring)."""
+    from kd.errors import KdError
+    from kd.models.layers import layer_table
+    from kd.models.members import BACKENDS
+    from kd.tasks.models import member_config
+
+    if ":" not in spec and not (CONF_DIR / "model" / f"{spec}.yaml").is_file():
+        spec = f"timm:{spec}"  # a bare timm name; refused with the closest timm names if it is none
+    backend = spec.partition(":")[0]
+    try:
+        cfg = member_config(spec)
+    except KdError:
+        if backend not in BACKENDS:
+            raise
+        raise KdError(
+            f"'{spec}' is no zoo model, timm:NAME or torchvision:NAME; python -m kd.zoo lists the zoo"
+        ) from None
+    arch = instantiate(cfg.arch)
+    net = arch.build(arch.num_classes)
+    size = list(arch.preprocessing().input_size)
+    if image_size is not None:
+        size[1:] = [image_size, image_size]
+    try:
+        table_rows = layer_table(net, torch.zeros(1, *size))
+    except (RuntimeError, AssertionError, ValueError) as error:
+        raise KdError(
+            f"{spec} does not run on {'x'.join(map(str, size))} images ({type(error).__name__}); give its own size "
+            "(leave out --image-size)"
+        ) from None
+    rows = [("module", "type", "output"), *table_rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return "\n".join([f"{spec}: input {'x'.join(map(str, size))}", *lines])
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["layers"]:
+        parser = argparse.ArgumentParser(prog="python -m kd.zoo layers", description="a model's module names")
+        parser.add_argument("model", help="a zoo name, timm:NAME, torchvision:NAME or a timm name")
+        parser.add_argument(
+            "--image-size", type=int, default=None, help="the probe image's side (default: the model's)"
+        )
+        args = parser.parse_args(argv[1:])
+        try:
+            print(layers(args.model, args.image_size))
+        except Exception as error:  # a user's mistake is one line; anything else is re-raised
+            from kd.launch.run import user_error
+
+            refused = user_error(error)
+            if refused is None:
+                raise
+            print(f"error: {refused}", file=sys.stderr)
+            return 2
+        return 0
     parser = argparse.ArgumentParser(prog="python -m kd.zoo", description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help="only these models (default: the whole zoo)")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")

@@ -27,6 +27,27 @@ register_models()
 os.environ["WANDB_MODE"] = "disabled"
 
 
+# What Hydra itself writes into a run's folder; a refused run must leave nothing else.
+HYDRA_FILES = {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "run.log"}
+
+
+def files_under(folder: Path, leave_out: Path | None = None) -> set[str]:
+    """Every file below ``folder`` (relative paths), except those under ``leave_out``."""
+    return {
+        str(path.relative_to(folder))
+        for path in folder.rglob("*")
+        if not path.is_dir() and (leave_out is None or leave_out not in path.parents)
+    }
+
+
+def assert_only_hydra_files(out: Path, cache: Path | None = None) -> None:
+    """A refused run left its output folder as Hydra made it (in process: empty), and ``cache`` empty."""
+    left = files_under(out, leave_out=cache)
+    assert left <= HYDRA_FILES, f"a refused run wrote {sorted(left - HYDRA_FILES)}"
+    if cache is not None:
+        assert not files_under(cache), f"a refused run wrote into the cache: {sorted(files_under(cache))}"
+
+
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # pytest -n N: N processes share the cores, each computing on one thread; runs through run.py inherit it.
     os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -59,9 +80,12 @@ def make_cfg(tmp_path, cache_dir) -> Callable[..., DictConfig]:
 
     def _make(*overrides: str) -> DictConfig:
         cfg = copy.deepcopy(composed(("student.measure_speed=false", *overrides)))
-        with open_dict(cfg):
-            cfg.paths.output_dir = str(tmp_path / "out")
-            cfg.paths.cache_dir = str(cache_dir)
+        given = {override.split("=", 1)[0] for override in overrides}
+        with open_dict(cfg):  # the test's own paths.* override wins
+            if "paths.output_dir" not in given:
+                cfg.paths.output_dir = str(tmp_path / "out")
+            if "paths.cache_dir" not in given:
+                cfg.paths.cache_dir = str(cache_dir)
         return cfg
 
     return _make

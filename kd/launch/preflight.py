@@ -21,6 +21,7 @@ from hydra.errors import HydraException
 
 from kd.errors import KdError
 from kd.io import CONF_DIR, MODEL_ROLES
+from kd.launch.keys import unknown_key_problem
 from kd.launch.model_names import check_model_overrides, unknown_model
 
 OUTPUT_FOLDERS = ("hydra.run.dir", "hydra.sweep.dir")
@@ -123,10 +124,14 @@ def check_overrides(overrides: list[str]) -> None:
                 values = option_names(override.value())
             check_group_choice(key, values)
     check_model_overrides(parsed)
+    problem = unknown_key_problem(overrides, set(groups))  # last: it composes the config the options above chose
+    if problem is not None:
+        raise problem
 
 
 def refuse_bad_command_line(argv: list[str] | None = None) -> None:
-    """Exit with one line on stderr (code 2) if the command line names an unknown option or unwritable folder."""
+    """Exit with one line on stderr (code 2) if the command line names an unknown option or key, or an unwritable
+    folder."""
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         return
     args, _ = get_args_parser().parse_known_args(sys.argv[1:] if argv is None else argv)

@@ -19,8 +19,10 @@ from kd.errors import KdError
 from kd.launch.library_warnings import silence_known_library_warnings
 from kd.results.dashboards import finish_dashboards
 from kd.results.files import FAILURE_FILE, write_failure
+from kd.training.preemption import Preempted
 
 log = logging.getLogger("kd")
+PREEMPTED_EXIT = 128 + 15  # as a process stopped by SIGTERM reports itself
 
 
 def user_error(error: BaseException) -> KdError | None:
@@ -57,6 +59,10 @@ def run_task(cfg: DictConfig) -> float | None:
         (Path(cfg.paths.output_dir) / FAILURE_FILE).unlink(missing_ok=True)  # from an earlier attempt
     try:
         results = instantiate(cfg.task)(cfg)
+    except Preempted as stop:  # a signal stopped it after a whole step: how to resume, and a signal's exit code
+        finish_dashboards(None)
+        log.warning("%s", stop)
+        sys.exit(PREEMPTED_EXIT)
     except Exception as error:
         finish_dashboards(None)  # the dashboard run ends marked failed, never left open
         if in_sweep:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -35,11 +37,16 @@ class AttentionTransfer(StagePairLoss):
         teacher_stages: list[int] | None = None,
         ce_weight: float = 1.0,
         label_smoothing: float = 0.0,
+        student_layers: Sequence[str] | None = None,
+        teacher_layers: Sequence[str] | None = None,
     ) -> None:
         if p <= 0:  # the loss's own settings are checked first, then the label term's
             raise KdError(f"loss.p={p} must be positive; attention transfer uses 2")
         beta = check_weight("beta", beta)
-        super().__init__(ce_weight, label_smoothing, student_stages, teacher_stages)
+        super().__init__(
+            ce_weight, label_smoothing, student_stages, teacher_stages,
+            student_layers=student_layers, teacher_layers=teacher_layers,
+        )  # fmt: skip
         self.beta = beta
         self.p = p
 

@@ -10,18 +10,23 @@ if TYPE_CHECKING:
     from kd.models import Classifier
 
 
+def stage_order(key: int | str) -> tuple[bool, int, str]:
+    """Stage indices first, in order, then module names."""
+    return (isinstance(key, str), key if isinstance(key, int) else 0, str(key))
+
+
 @dataclass(frozen=True)
 class FeatureStages:
-    """Which intermediate feature maps a loss reads: stage indices of the student and of the teacher
-    (timm's ``feature_info`` numbering; negative counts from the last stage)."""
+    """Which intermediate feature maps a loss reads, of the student and of the teacher: stage indices (timm's
+    ``feature_info`` numbering; negative counts from the last stage) or module names (``named_modules()``)."""
 
-    student: tuple[int, ...] = ()
-    teacher: tuple[int, ...] = ()
+    student: tuple[int | str, ...] = ()
+    teacher: tuple[int | str, ...] = ()
 
     def __or__(self, other: FeatureStages) -> FeatureStages:
         return FeatureStages(
-            tuple(sorted(set(self.student) | set(other.student))),
-            tuple(sorted(set(self.teacher) | set(other.teacher))),
+            tuple(sorted(set(self.student) | set(other.student), key=stage_order)),
+            tuple(sorted(set(self.teacher) | set(other.teacher), key=stage_order)),
         )
 
     def __bool__(self) -> bool:
@@ -55,6 +60,8 @@ class DistillationLoss(nn.Module):
 
     #: False for label-only losses: the training step then skips the teacher's forward pass.
     uses_teacher: bool = True
+    #: False for losses that read only the teacher's features, which an embedding teacher (no classifier) can teach.
+    uses_teacher_logits: bool = True
 
     def __init__(self) -> None:
         super().__init__()
@@ -63,6 +70,10 @@ class DistillationLoss(nn.Module):
     def bind(self, student: Classifier, teacher: nn.Module | None) -> None:
         """Called once by the module before training, with the models this loss will compare (the teacher is
         a ``kd.teachers.FrozenTeacher``: ``forward_with_features`` and ``feature_info`` like a Classifier)."""
+
+    def check_networks(self, student: nn.Module, teacher: nn.Module | None) -> None:
+        """Called before any work (nothing trained or loaded yet) with the bare networks, possibly built on the meta
+        device (shapes, no values; ``teacher`` None when unknown): refuse here what ``bind`` would refuse later."""
 
     def bind_data(self, num_samples: int) -> None:
         """Called by the module when fitting starts (before a checkpoint is restored and before the optimizer is

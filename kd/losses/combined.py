@@ -36,9 +36,17 @@ class WeightedSum(DistillationLoss):
     def uses_teacher(self) -> bool:  # type: ignore[override]
         return any(loss.uses_teacher for loss in self.losses.values())
 
+    @property
+    def uses_teacher_logits(self) -> bool:  # type: ignore[override]
+        return any(loss.uses_teacher and loss.uses_teacher_logits for loss in self.losses.values())
+
     def bind(self, student, teacher) -> None:
         for loss in self.losses.values():
             loss.bind(student, teacher)
+
+    def check_networks(self, student, teacher) -> None:
+        for loss in self.losses.values():
+            loss.check_networks(student, teacher)
 
     def bind_data(self, num_samples: int) -> None:
         for loss in self.losses.values():

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -9,7 +10,17 @@ from torch import nn
 from kd.errors import KdError
 from kd.losses.base import DistillationLoss, Features, FeatureStages
 from kd.losses.labels import check_label_smoothing, check_weight, label_cross_entropy
-from kd.losses.stages import UNBOUND, full_precision, last_stage, pooled
+from kd.losses.stages import (
+    channels,
+    check_named_layers,
+    full_precision,
+    last_stage,
+    last_stage_or_none,
+    layer_list,
+    layer_pairs,
+    pooled,
+    unbound,
+)
 
 EPS = 1e-7  # as CRD's code: inside the NCE logs
 
@@ -54,6 +65,8 @@ class ContrastiveRepresentationKD(DistillationLoss):
     process keeps its own memory under DDP (not synchronized).
     """
 
+    uses_teacher_logits = False
+
     def __init__(
         self,
         weight: float = 0.8,
@@ -63,6 +76,8 @@ class ContrastiveRepresentationKD(DistillationLoss):
         nce_momentum: float = 0.5,
         ce_weight: float = 1.0,
         label_smoothing: float = 0.0,
+        student_layers: Sequence[str] | None = None,
+        teacher_layers: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(feat_dim, int) or feat_dim < 1:
@@ -84,14 +99,22 @@ class ContrastiveRepresentationKD(DistillationLoss):
         self.embed_student: Embed | None = None
         self.embed_teacher: Embed | None = None
         self.num_samples = 0
+        self.layers = (layer_list(student_layers, "student_layers"), layer_list(teacher_layers, "teacher_layers"))
+
+    def check_networks(self, student, teacher) -> None:
+        check_named_layers(student, teacher, self.layers, "crd", 1)
 
     def bind(self, student, teacher) -> None:
         if teacher is None:
             return
-        s, t = last_stage(student, teacher, "crd")
-        self.stages = FeatureStages((s,), (t,))
-        self.embed_student = Embed(student.feature_info()[s]["num_chs"], self.feat_dim)
-        self.embed_teacher = Embed(teacher.feature_info()[t]["num_chs"], self.feat_dim)
+        if self.layers != (None, None):  # one named layer each; a side not named: its last stage
+            last = last_stage_or_none(student, teacher, self.layers, "crd")
+            self.stages = FeatureStages(*layer_pairs(student, teacher, last, self.layers, "crd", 1))
+        else:
+            s, t = last_stage(student, teacher, "crd")
+            self.stages = FeatureStages((s,), (t,))
+        self.embed_student = Embed(channels(student, self.stages.student)[0], self.feat_dim)
+        self.embed_teacher = Embed(channels(teacher, self.stages.teacher)[0], self.feat_dim)
 
     def bind_data(self, num_samples: int) -> None:
         """Memories of ``num_samples`` rows, uniform in +-1/sqrt(feat_dim / 3) as CRD's code starts them; ``Z`` -1
@@ -109,7 +132,7 @@ class ContrastiveRepresentationKD(DistillationLoss):
         self.register_buffer("normalizers", torch.full((2,), -1.0, device=device))
 
     def feature_stages(self) -> FeatureStages:
-        return self.stages or UNBOUND
+        return self.stages or unbound(self.layers)
 
     def draw_negatives(self, indices: torch.Tensor) -> torch.Tensor:
         """(N, 1 + K) rows of the memories: each image's own index, then K drawn uniformly (global generator)."""

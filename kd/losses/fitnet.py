@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -7,6 +9,7 @@ from torch import nn
 from kd.errors import KdError
 from kd.losses.base import DistillationLoss, Features, FeatureStages
 from kd.losses.labels import check_label_smoothing, check_weight, label_cross_entropy
+from kd.losses.stages import channels, check_named_layers, layer_list, layer_pairs
 
 
 def resolve_stage(stage: int, info: list[dict], role: str, key: str) -> int:
@@ -43,6 +46,8 @@ class FitNet(DistillationLoss):
     never part of the exported student.
     """
 
+    uses_teacher_logits = False
+
     def __init__(
         self,
         student_stage: int = -1,
@@ -50,27 +55,47 @@ class FitNet(DistillationLoss):
         hint_weight: float = 1.0,
         ce_weight: float = 1.0,
         label_smoothing: float = 0.0,
+        student_layers: Sequence[str] | None = None,
+        teacher_layers: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
-        self.student_stage = student_stage
-        self.teacher_stage = teacher_stage
+        self.student_stage: int | str = student_stage
+        self.teacher_stage: int | str = teacher_stage
+        self.layers = (layer_list(student_layers, "student_layers"), layer_list(teacher_layers, "teacher_layers"))
         self.hint_weight = check_weight("hint_weight", hint_weight)
         self.ce_weight = check_weight("ce_weight", ce_weight)
         self.label_smoothing = check_label_smoothing(label_smoothing)
         self.adapter: nn.Conv2d | None = None
 
+    def check_networks(self, student, teacher) -> None:
+        check_named_layers(student, teacher, self.layers, "fitnet", 1)
+
     def bind(self, student, teacher) -> None:
         if teacher is None:
             return  # label-only tasks refuse this loss anyway (it uses the teacher)
-        student_info, teacher_info = student.feature_info(), teacher.feature_info()
-        self.student_stage = resolve_stage(self.student_stage, student_info, "student", "student_stage")
-        self.teacher_stage = resolve_stage(self.teacher_stage, teacher_info, "teacher", "teacher_stage")
-        in_channels = student_info[self.student_stage]["num_chs"]
-        out_channels = teacher_info[self.teacher_stage]["num_chs"]
+        if self.layers[0] is None:
+            info = student.feature_info()
+            self.student_stage = resolve_stage(self.student_stage, info, "student", "student_stage")
+        if self.layers[1] is None:
+            info = teacher.feature_info()
+            self.teacher_stage = resolve_stage(self.teacher_stage, info, "teacher", "teacher_stage")
+        if self.layers != (None, None):  # one named layer each (FitNets' hint and guided layers)
+            stages = (
+                None if self.layers[0] else [self.student_stage],
+                None if self.layers[1] else [self.teacher_stage],
+            )
+            ([self.student_stage], [self.teacher_stage]) = layer_pairs(
+                student, teacher, stages, self.layers, "fitnet", 1
+            )
+        [in_channels] = channels(student, [self.student_stage])
+        [out_channels] = channels(teacher, [self.teacher_stage])
         self.adapter = nn.Conv2d(in_channels, out_channels, kernel_size=1)
 
     def feature_stages(self) -> FeatureStages:
-        return FeatureStages(student=(self.student_stage,), teacher=(self.teacher_stage,))
+        return FeatureStages(
+            student=self.layers[0] if self.adapter is None and self.layers[0] else (self.student_stage,),
+            teacher=self.layers[1] if self.adapter is None and self.layers[1] else (self.teacher_stage,),
+        )
 
     def compute_terms(self, student_logits, teacher_logits, target, features: Features):
         if self.adapter is None:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -28,9 +30,19 @@ class ProbabilisticKnowledgeTransfer(StagePairLoss):
 
     name = "pkt"
 
-    def __init__(self, weight: float = 30000.0, ce_weight: float = 1.0, label_smoothing: float = 0.0) -> None:
+    def __init__(
+        self,
+        weight: float = 30000.0,
+        ce_weight: float = 1.0,
+        label_smoothing: float = 0.0,
+        student_layers: Sequence[str] | None = None,
+        teacher_layers: Sequence[str] | None = None,
+    ) -> None:
         weight = check_weight("weight", weight)  # the loss's own setting is checked first, then the label term's
-        super().__init__(ce_weight, label_smoothing, last_stage_only=True)
+        super().__init__(
+            ce_weight, label_smoothing, last_stage_only=True, student_layers=student_layers,
+            teacher_layers=teacher_layers,
+        )  # fmt: skip
         self.weight = weight
 
     def feature_terms(self, pairs):

@@ -10,7 +10,7 @@ from kd.errors import KdError
 from kd.losses.dkd import warmup_weight
 from kd.losses.fitnet import match_size
 from kd.losses.labels import check_weight
-from kd.losses.stages import StagePairLoss
+from kd.losses.stages import StagePairLoss, channels
 
 #: The pyramid of HCL: besides the full map, average pools to 4x4, 2x2 and 1x1 (each only when smaller than the map).
 HCL_LEVELS = (4, 2, 1)
@@ -82,6 +82,8 @@ class ReviewKD(StagePairLoss):
         teacher_stages: Sequence[int] | None = None,
         ce_weight: float = 1.0,
         label_smoothing: float = 0.0,
+        student_layers: Sequence[str] | None = None,
+        teacher_layers: Sequence[str] | None = None,
     ) -> None:
         if isinstance(warmup_epochs, bool) or not isinstance(warmup_epochs, int) or warmup_epochs < 0:
             raise KdError(f"loss.warmup_epochs={warmup_epochs!r} must be a whole number >= 0 (0: no warmup)")
@@ -90,7 +92,10 @@ class ReviewKD(StagePairLoss):
         if not isinstance(pooled, bool):
             raise KdError(f"loss.pooled={pooled!r} must be true or false (true: add the 1x1 pooled level)")
         review_weight = check_weight("review_weight", review_weight)
-        super().__init__(ce_weight, label_smoothing, student_stages, teacher_stages)
+        super().__init__(
+            ce_weight, label_smoothing, student_stages, teacher_stages,
+            student_layers=student_layers, teacher_layers=teacher_layers,
+        )  # fmt: skip
         self.review_weight = review_weight
         self.warmup_epochs = warmup_epochs
         self.max_mid_channels = max_mid_channels
@@ -102,9 +107,8 @@ class ReviewKD(StagePairLoss):
         super().bind(student, teacher)
         if self.stages is None:
             return  # label-only tasks refuse this loss anyway (it uses the teacher)
-        student_info, teacher_info = student.feature_info(), teacher.feature_info()
-        channels_in = [student_info[s]["num_chs"] for s in self.stages.student]
-        channels_out = [teacher_info[t]["num_chs"] for t in self.stages.teacher]
+        channels_in = channels(student, self.stages.student)
+        channels_out = channels(teacher, self.stages.teacher)
         if self.pooled:
             channels_in.append(channels_in[-1])
             channels_out.append(channels_out[-1])

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 
@@ -44,11 +46,16 @@ class RelationalKD(StagePairLoss):
         angle_weight: float = 50.0,
         ce_weight: float = 1.0,
         label_smoothing: float = 0.0,
+        student_layers: Sequence[str] | None = None,
+        teacher_layers: Sequence[str] | None = None,
     ) -> None:
         # The loss's own settings are checked first, then the label term's.
         distance_weight = check_weight("distance_weight", distance_weight)
         angle_weight = check_weight("angle_weight", angle_weight)
-        super().__init__(ce_weight, label_smoothing, last_stage_only=True)
+        super().__init__(
+            ce_weight, label_smoothing, last_stage_only=True, student_layers=student_layers,
+            teacher_layers=teacher_layers,
+        )  # fmt: skip
         self.distance_weight = distance_weight
         self.angle_weight = angle_weight
 

@@ -34,9 +34,14 @@ class SimilarityPreserving(StagePairLoss):
         teacher_stages: Sequence[int] | None = (-1,),
         ce_weight: float = 1.0,
         label_smoothing: float = 0.0,
+        student_layers: Sequence[str] | None = None,
+        teacher_layers: Sequence[str] | None = None,
     ) -> None:
         gamma = check_weight("gamma", gamma)  # the loss's own setting is checked first, then the label term's
-        super().__init__(ce_weight, label_smoothing, student_stages, teacher_stages)
+        super().__init__(
+            ce_weight, label_smoothing, student_stages, teacher_stages,
+            student_layers=student_layers, teacher_layers=teacher_layers,
+        )  # fmt: skip
         self.gamma = gamma
 
     def feature_terms(self, pairs):

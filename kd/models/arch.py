@@ -20,6 +20,27 @@ from kd.models.classifier import Preprocessing
 
 PRETRAINED = "pretrained"  # weights=pretrained: the backend's default weights for the architecture
 
+#: Builder keywords kd sets itself, and why a model's arch keywords cannot set them.
+SET_BY_KD = {
+    "num_classes": "kd builds the classifier for the dataset's classes",
+    "pretrained": "kd loads the weights itself: set ROLE.weights=pretrained, a tag, a file or none",
+    "weights": "kd loads the weights itself: set ROLE.weights=pretrained, a tag, a file or none",
+    "in_chans": "torchvision's models read 3-channel images; name the model with ROLE=timm to set in_chans",
+}
+
+
+def reserved_keyword(backend: str, kwargs: dict) -> str | None:
+    """The first keyword in ``kwargs`` that kd passes to ``backend``'s builder itself (timm takes in_chans)."""
+    own = ("num_classes", "pretrained") if backend == "timm" else ("num_classes", "pretrained", "weights", "in_chans")
+    return next((key for key in own if key in kwargs), None)
+
+
+def refuse_reserved_keyword(backend: str, kwargs: dict) -> None:
+    key = reserved_keyword(backend, kwargs)
+    if key is not None:
+        reason = SET_BY_KD[key].replace("ROLE.", "").replace("ROLE=", "")
+        raise KdError(f"{key}={kwargs[key]} cannot be given to a {backend} model ({reason}); remove it")
+
 
 class Arch(Protocol):
     backend: str  # "timm", "torchvision" or "kd"
@@ -67,11 +88,24 @@ class TimmArch:
 
     backend = "timm"
 
-    def __init__(self, model_name: str, in_chans: int = 3, data_config: dict | None = None, **kwargs) -> None:
+    def __init__(
+        self,
+        model_name: str,
+        in_chans: int = 3,
+        data_config: dict | None = None,
+        num_classes: int | None = None,
+        **kwargs,
+    ) -> None:
         self.model_name = str(model_name)  # a timm name, with a tag (``convnext_tiny.fb_in1k``), or a hub name
         self.in_chans = in_chans
+        # 0: no classifier, the pooled features are the output (an embedding teacher); None: the dataset's classes.
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                        or num_classes < 0):  # fmt: skip
+            raise KdError(f"arch.num_classes={num_classes!r} must be 0 (features only) or a class count")
+        self.fixed_classes = num_classes
         self.data_config = dict(data_config or {})
         self.kwargs = kwargs
+        refuse_reserved_keyword(self.backend, kwargs)
         if not self.is_hub:
             check_timm_name(self.model_name)
 
@@ -101,7 +135,8 @@ class TimmArch:
 
     def build(self, num_classes: int) -> nn.Module:
         name = self.base_name if self.is_hub else self.model_name
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, in_chans=self.in_chans, **self.kwargs)
+        classes = num_classes if self.fixed_classes is None else self.fixed_classes
+        return timm.create_model(name, pretrained=False, num_classes=classes, in_chans=self.in_chans, **self.kwargs)
 
     def preprocessing(self, pretrained_cfg: dict | None = None) -> Preprocessing:
         cfg = pretrained_cfg or {**self._pretrained_cfg(), **self.data_config}
@@ -212,6 +247,7 @@ class TorchvisionArch:
                 f"'{self.tag}' is not a torchvision weights name of {self.model_name}; use one of "
                 f"{', '.join(self.weight_names())}"
             )
+        refuse_reserved_keyword(self.backend, kwargs)
         self.kwargs = kwargs
 
     @property

@@ -5,6 +5,8 @@ from dataclasses import asdict, dataclass
 import torch
 from torch import nn
 
+from kd.models.layers import tapped
+
 
 @dataclass(frozen=True)
 class Preprocessing:
@@ -58,11 +60,20 @@ class Classifier(nn.Module):
         return list(info) if info is not None and has_api else []
 
     def forward_with_features(
-        self, images: torch.Tensor, stages: tuple[int, ...] = ()
-    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        """Logits, and the feature maps of ``stages`` (indices into ``feature_info``, already non-negative)
-        from the same forward pass (timm's ``forward_intermediates`` then ``forward_head``)."""
+        self, images: torch.Tensor, stages: tuple[int | str, ...] = ()
+    ) -> tuple[torch.Tensor, dict[int | str, torch.Tensor]]:
+        """Logits, and the feature maps of ``stages`` from the same forward pass: indices into ``feature_info``
+        (already non-negative; timm's ``forward_intermediates`` then ``forward_head``) and module names
+        (``named_modules()`` of the network, read by forward hooks, ``kd.models.layers``)."""
         if not stages:
             return self(images), {}
-        final, intermediates = self.net.forward_intermediates(self.normalize(images), indices=sorted(stages))
-        return self.net.forward_head(final), dict(zip(sorted(stages), intermediates, strict=True))
+        indices = sorted(s for s in stages if isinstance(s, int))
+        names = [s for s in stages if isinstance(s, str)]
+        normalized = self.normalize(images)
+        with tapped(self.net, names, tuple(normalized.shape[-2:])) as named:
+            if indices:
+                final, intermediates = self.net.forward_intermediates(normalized, indices=indices)
+                logits, features = self.net.forward_head(final), dict(zip(indices, intermediates, strict=True))
+            else:
+                logits, features = self.net(normalized), {}
+        return logits, {**features, **named}

@@ -20,7 +20,7 @@ FAILURE_FILE = "failure.json"
 
 def write_results(out: Path, results: dict[str, Any]) -> Path:
     """``results.json`` in ``out``: ``results`` as the task assembled them (``kd.tasks.records``)."""
-    path = write_json_atomic(out / RESULTS_FILE, results)
+    path = write_json_atomic(out / RESULTS_FILE, results, "results file")
     log.info("results written to %s", path)
     return path
 
@@ -28,4 +28,4 @@ def write_results(out: Path, results: dict[str, Any]) -> Path:
 def write_failure(out: Path, error: str, overrides: Sequence[str]) -> Path:
     """Record a failed job, never as a results.json: the summary lists it as failed with ``error``."""
     failure = {"status": "failed", "error": error, "overrides": list(overrides)}
-    return write_json_atomic(Path(out) / FAILURE_FILE, failure)
+    return write_json_atomic(Path(out) / FAILURE_FILE, failure, "failure record")

@@ -70,7 +70,7 @@ def write_safetensors(model: Classifier, card: StudentCard, path: Path) -> Path:
     """The bare network's weights (``student.weights=<file>`` loads them), with the card in the header."""
     state = {key: tensor.detach().cpu().contiguous().clone() for key, tensor in model.net.state_dict().items()}
     metadata = {METADATA_KEY: json.dumps(card.to_dict())}
-    return write_atomic(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+    return write_atomic(path, lambda tmp: save_file(state, str(tmp), metadata=metadata), "student weights")
 
 
 def write_onnx(model: Classifier, card: StudentCard, path: Path) -> Path:
@@ -94,7 +94,7 @@ def write_onnx(model: Classifier, card: StudentCard, path: Path) -> Path:
         session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
         check_matches(lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0]), model, card, "onnx")
 
-    return write_atomic(path, write)
+    return write_atomic(path, write, "ONNX export")
 
 
 def write_torchscript(model: Classifier, card: StudentCard, path: Path) -> Path:
@@ -110,7 +110,7 @@ def write_torchscript(model: Classifier, card: StudentCard, path: Path) -> Path:
             loaded = torch.jit.load(str(tmp), map_location="cpu")
             check_matches(lambda x: loaded(x).detach(), model, card, "torchscript")
 
-        return write_atomic(path, write)
+        return write_atomic(path, write, "TorchScript export")
 
 
 WRITERS: dict[str, tuple[str, Callable[[Classifier, StudentCard, Path], Path]]] = {
@@ -147,5 +147,5 @@ def export_student(
         suffix, write = WRITERS[fmt]
         written[fmt] = write(model, card, folder / f"{name}{suffix}")
         log.info("wrote %s", written[fmt])
-    written["card"] = write_json_atomic(folder / f"{name}.json", card.to_dict())
+    written["card"] = write_json_atomic(folder / f"{name}.json", card.to_dict(), "student card")
     return written

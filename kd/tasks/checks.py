@@ -12,12 +12,15 @@ import lightning as L
 import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
+from hydra.utils import instantiate
 from lightning.pytorch.strategies.launchers.subprocess_script import _SubprocessScriptLauncher
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from kd.data import ClassificationData
 from kd.errors import KdError
 from kd.losses.base import DistillationLoss
+from kd.models.arch import SET_BY_KD, reserved_keyword
 from kd.tasks.models import cache_settings, is_ensemble, model_spec
 from kd.teachers.ensemble import check_ensemble_loss
 from kd.teachers.fill import check_teacher_cache
@@ -109,6 +112,72 @@ def check_weights_given(cfg: DictConfig, loss: DistillationLoss) -> None:
             )
 
 
+def bare_network(model_cfg: DictConfig | None, num_classes: int) -> nn.Module | None:
+    """The network of ``model_cfg`` without its weights, on the meta device where it builds there (no memory, no
+    values: names and shapes only); None for an ensemble or no model."""
+    if model_cfg is None or model_cfg.get("arch") is None or is_ensemble(model_cfg):
+        return None
+    arch = instantiate(model_cfg.arch)
+    try:
+        with torch.device("meta"):
+            return arch.build(num_classes)
+    except (RuntimeError, NotImplementedError, TypeError, ValueError):  # a builder that reads values (.item())
+        return arch.build(num_classes)
+
+
+def check_loss_networks(cfg: DictConfig, loss: DistillationLoss, num_classes: int) -> None:
+    """What a loss asks of the networks themselves (a distillation head, named layers), before any weights load."""
+    if type(loss).check_networks is DistillationLoss.check_networks:
+        return
+    teacher = bare_network(cfg.get("teacher"), num_classes) if loss.uses_teacher else None
+    loss.check_networks(bare_network(cfg.student, num_classes), teacher)
+
+
+def loss_choice(cfg: DictConfig) -> str:
+    """The loss as the command line named it (``kd``), else its class name."""
+    hydra = cfg.get("hydra") or (HydraConfig.get() if HydraConfig.initialized() else None)
+    choice = hydra.runtime.choices.get("loss") if hydra is not None else None
+    return str(choice) if choice else cfg.loss._target_.rsplit(".", 1)[-1]
+
+
+def check_embedding_teacher(cfg: DictConfig, loss: DistillationLoss) -> None:
+    """A teacher built without a classifier (``teacher.arch.num_classes=0``) gives features: no logit loss, no cache."""
+    teacher = cfg.get("teacher")
+    arch = teacher.get("arch") if teacher is not None else None
+    if not loss.uses_teacher or arch is None or is_ensemble(teacher) or arch.get("num_classes", None) != 0:
+        return
+    if loss.uses_teacher_logits:
+        raise KdError(
+            f"loss={loss_choice(cfg)} compares class predictions, but teacher.arch.num_classes=0 "
+            "gives features only; use loss=feature_kd (or another feature loss), or give the teacher its classes"
+        )
+    if teacher.get("cache"):
+        raise KdError(
+            "teacher.cache stores a teacher's class scores, but teacher.arch.num_classes=0 gives features; "
+            "leave teacher.cache=null"
+        )
+
+
+def check_model_keywords(cfg: DictConfig, loss: DistillationLoss, with_teacher: bool = True) -> None:
+    """``+ROLE.arch.num_classes``, ``pretrained`` (and ``in_chans`` for torchvision): keywords kd passes to the
+    model builder itself, refused in one sentence before the builder's traceback. ``num_classes=0`` asks a teacher
+    for its features alone (an embedding teacher): ``check_embedding_teacher``."""
+    for role in ("teacher", "student") if with_teacher else ("student",):
+        arch = OmegaConf.select(cfg, f"{role}.arch")
+        if not isinstance(arch, DictConfig):
+            continue
+        target = str(arch.get("_target_", ""))
+        backends = {"TimmArch": "timm", "TorchvisionArch": "torchvision"}
+        backend = backends.get(target.rpartition(".")[2])
+        key = reserved_keyword(backend, arch) if backend else None
+        if key is None:
+            continue
+        if role == "teacher" and key == "num_classes" and arch.num_classes == 0:
+            continue  # an embedding teacher: check_embedding_teacher says which losses it can teach with
+        reason = SET_BY_KD[key].replace("ROLE", role)
+        raise KdError(f"{role}.arch.{key}={arch[key]} cannot be given to a {backend} model ({reason}); remove it")
+
+
 def check_teacher_precision(cfg: DictConfig, loss: DistillationLoss, device_type: str) -> None:
     """teacher.precision is a known value, and 16 is not asked of a CPU (``kd.teachers.precision``)."""
     teacher = cfg.get("teacher")
@@ -142,6 +211,9 @@ def check_before_work(
     check_schedule_numbers(cfg)
     check_weights_given(cfg, loss)
     check_loss_gives_gradient(loss, cfg.loss, data.num_classes)
+    check_embedding_teacher(cfg, loss)
+    check_loss_networks(cfg, loss, data.num_classes)
+
     check_teacher_precision(cfg, loss, trainer.strategy.root_device.type)
     check_teacher_cache(cache_settings(cfg), loss, **cache_refusals(cfg))  # the cache's own refusals (kd.teachers.fill)
     check_ensemble(cfg, loss)

@@ -23,6 +23,7 @@ from kd.models import Classifier
 from kd.results.callbacks import EpochLine
 from kd.results.dashboards import add_model_tags, sweep_group
 from kd.students.card import StudentCard
+from kd.students.onnx_student import onnx_student
 from kd.students.trained import trained_student
 from kd.tasks.auto_weights import auto_weights
 from kd.tasks.models import ObtainAuto, build_student, build_teacher, model_spec
@@ -89,6 +90,8 @@ def trained_student_of(cfg: DictConfig, data: ClassificationData | None = None) 
     """``cfg.student`` as eval, predict and export use it: its weights as they are, with its card. Weights
     ``auto`` are trained (or found in the cache) on the run's data first."""
     student_cfg = cfg.student
+    if str(student_cfg.get("weights")).endswith(".onnx"):  # an exported student, run by ONNX Runtime
+        return onnx_student(student_cfg.weights, data)
     if resolve(student_cfg.get("weights")).kind == "auto":
         data = data or build_data(cfg, cfg.student)
         path = auto_weights(cfg, data)(cfg.student, "student")

@@ -104,7 +104,7 @@ def write_csv(path: Path, files: list[Path], names: list[list[str]], probs: torc
                 pairs = zip(row_names, row_probs, strict=True)
                 writer.writerow([str(file), *[x for name, p in pairs for x in (name, f"{p:.6f}")]])
 
-    return write_atomic(path, write)
+    return write_atomic(path, write, "predictions file")
 
 
 def predict(cfg: DictConfig) -> dict:

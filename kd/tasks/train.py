@@ -9,7 +9,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from omegaconf import DictConfig
 
 from kd.data import ClassificationData
@@ -27,7 +29,7 @@ from kd.students.export import export_student
 from kd.students.fast import check_compile, wants_channels_last
 from kd.students.speed import student_speed
 from kd.tasks.auto_weights import auto_weights
-from kd.tasks.checks import check_before_work
+from kd.tasks.checks import check_before_work, check_model_keywords
 from kd.tasks.common import (
     attach_loggers,
     build_data,
@@ -46,9 +48,18 @@ from kd.teachers.fill import teacher_for_run
 from kd.teachers.precision import computed_precisions
 from kd.teachers.views import teacher_view_metrics
 from kd.training.optim import OptimizerRecipe
+from kd.training.preemption import StopOnRequeueSignal, preempted
 from kd.training.resume import ResumePoint
 
 log = logging.getLogger("kd")
+
+
+def resume_command(out: Path) -> str:
+    """This run's command line, pointed at its own folder (``ckpt_path=last`` is added by the caller)."""
+    if not HydraConfig.initialized():
+        return f"the same call with output_dir={out} and overrides=[...,"
+    kept = [o for o in HydraConfig.get().overrides.task if not o.startswith(("ckpt_path=", "hydra.run.dir="))]
+    return " ".join(["python run.py", *kept, f"hydra.run.dir={out}"])
 
 
 def distill(cfg: DictConfig) -> dict:
@@ -75,9 +86,12 @@ def fit(cfg: DictConfig, task: str, given: Given | None = None) -> dict:
     card = student_card(run, records, student, teacher)
     attach_loggers(cfg, run.trainer, records)  # every check has passed: only now do csv/ and wandb/ appear
     reseed(cfg)  # training does not depend on what ran before
-    before = validate(run.trainer, module, run.data)
-    run.trainer.fit(module, datamodule=run.data, ckpt_path=resume and resume.path)
-    after = validate(run.trainer, module, run.data)
+    try:
+        before = validate(run.trainer, module, run.data)
+        run.trainer.fit(module, datamodule=run.data, ckpt_path=resume and resume.path)
+        after = validate(run.trainer, module, run.data)
+    except SIGTERMException:  # preempted: Lightning stopped after a whole step, Checkpoint wrote last.ckpt
+        raise preempted(run.trainer, run.stopper, resume_command(run.out)) from None
     results = run_results(run, module, teacher, before, after, time.perf_counter() - start)
     if run.trainer.is_global_zero:
         save_student(cfg, run, module, card, results)
@@ -101,6 +115,7 @@ class Run:
     throughput: TrainThroughput
     history: ValidationHistory
     card_callback: CardInCheckpoint
+    stopper: StopOnRequeueSignal  # SLURM's SIGUSR1: stop at a step boundary, then requeue
 
 
 def reseed(cfg: DictConfig) -> None:
@@ -112,6 +127,7 @@ def reseed(cfg: DictConfig) -> None:
 def prepare(cfg: DictConfig, task: str, given: Given) -> Run:
     out = output_dir(cfg)
     loss = given.loss if given.loss is not None else instantiate(cfg.loss)
+    check_model_keywords(cfg, loss, with_teacher=task == "distill")  # before any builder sees them
     check_compile(bool(cfg.student.get("compile", False)), loss.feature_stages().student)  # before any work
     wants_channels_last(cfg.student.get("channels_last", "auto"), torch.nn.Module())  # refuses a bad value now
     ema_decay = check_ema_decay(cfg.student.get("ema_decay")) if cfg.student.get("ema", False) else None
@@ -125,9 +141,11 @@ def prepare(cfg: DictConfig, task: str, given: Given) -> Run:
         data = data.labeled_only()
     check_labels_reach_loss(data, loss)
     throughput, history, card_callback = TrainThroughput(), ValidationHistory(), CardInCheckpoint(None)
-    trainer = build_trainer(cfg, out, [throughput, history, card_callback])
+    stopper = StopOnRequeueSignal()
+    trainer = build_trainer(cfg, out, [throughput, history, card_callback, stopper])
     check_before_work(cfg, data, loss, scheduler, trainer)
-    return Run(out, loss, mixup, optimizer, scheduler, data, ema_decay, trainer, throughput, history, card_callback)
+    parts = (throughput, history, card_callback, stopper)
+    return Run(out, loss, mixup, optimizer, scheduler, data, ema_decay, trainer, *parts)
 
 
 def models_for(cfg: DictConfig, task: str, given: Given, run: Run) -> tuple[object | None, Classifier]:
@@ -181,7 +199,7 @@ def run_results(run: Run, module: DistillationModule, teacher, before: dict, aft
         extra["ema_decay"] = run.ema_decay
     if teacher is not None:
         extra["teacher_fingerprint"] = fingerprint_record(teacher)
-        if run.trainer.is_global_zero:  # each ensemble member, and the teacher on its own view (kd.teachers.views)
+        if run.trainer.is_global_zero and not module.embedding_teacher:  # each member; the teacher on its own view
             metrics |= teacher_view_metrics(teacher.live, run.data, module.device)
     return {
         "metrics": metrics,

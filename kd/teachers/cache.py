@@ -179,7 +179,7 @@ class TeacherOutputStore:
 
     def _write_manifest(self, epochs: Iterable[int]) -> None:
         manifest = {"format": FORMAT, "identity": self.identity, "layout": self.layout, "epochs": sorted(epochs)}
-        write_json_atomic(self.manifest_path, manifest)
+        write_json_atomic(self.manifest_path, manifest, "teacher-output cache manifest")
 
     def complete_epochs(self) -> list[int]:
         """Epochs listed by a matching manifest whose files are whole; a stale manifest is removed.
@@ -221,7 +221,8 @@ class TeacherOutputStore:
             missing = sorted(set(epochs) - complete)
             for epoch in missing:
                 start = time.perf_counter()
-                write_atomic(self.epoch_path(epoch), lambda tmp, e=epoch: self._write_epoch(tmp, e, fill, every_sample))
+                write = lambda tmp, e=epoch: self._write_epoch(tmp, e, fill, every_sample)  # noqa: E731
+                write_atomic(self.epoch_path(epoch), write, "teacher-output cache epoch")
                 complete.add(epoch)
                 self._write_manifest(complete)
                 self._epochs[epoch] = self._open_epoch(epoch)

@@ -8,7 +8,9 @@ teacher-output cache treat it like one teacher:
   members' probabilities (a temperature T then sharpens or softens that mixture, ``p^(1/T)``);
 - ``combine=logits``: ``sum_i w_i z_i``, the weighted mean of the logits.
 
-Feature losses need one network's feature maps; an ensemble has several, so they are refused before any work.
+Feature losses need one network's feature maps; an ensemble has several, so its stages are refused before any work.
+A named layer of one member (``loss.teacher_layers=[MEMBER/LAYER]``, the member by its name in ``teacher.members`` or
+its index) is read in the same pass as that member's logits.
 """
 
 from __future__ import annotations
@@ -74,8 +76,19 @@ class EnsembleTeacher(nn.Module):
 
     def feature_info(self) -> list[dict]:
         raise KdError(
-            "feature losses compare one teacher's feature maps, but teacher=ensemble has several; "
-            "use a logit loss (kd, dist, dkd, ...) or one teacher"
+            "feature losses compare one teacher's feature maps, but teacher=ensemble has several; name one member's "
+            "layer (loss.teacher_layers=[MEMBER/LAYER]), use a logit loss (kd, dist, dkd, ...) or one teacher"
+        )
+
+    def member_index(self, member: str) -> int:
+        """A member by its name in teacher.members, or by its index."""
+        if member in self.names:
+            return self.names.index(member)
+        if member.isdigit() and int(member) < len(self.members):
+            return int(member)
+        raise KdError(
+            f"loss.teacher_layers names member '{member}', which teacher=ensemble lacks; write MEMBER/LAYER with "
+            f"MEMBER one of {', '.join(self.names)} (or its index)"
         )
 
     def member_logits(self, images: torch.Tensor) -> list[torch.Tensor]:
@@ -93,11 +106,22 @@ class EnsembleTeacher(nn.Module):
         return self.combined(self.member_logits(images))
 
     def forward_with_features(
-        self, images: torch.Tensor, stages: tuple[int, ...] = ()
-    ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
-        if stages:
+        self, images: torch.Tensor, stages: tuple[int | str, ...] = ()
+    ) -> tuple[torch.Tensor, dict[int | str, torch.Tensor]]:
+        """The combined logits, and each ``MEMBER/LAYER`` map from that member's own pass."""
+        if any(not isinstance(stage, str) or "/" not in stage for stage in stages):
             self.feature_info()  # refuses
-        return self(images), {}
+        wanted: dict[int, dict[str, str]] = {}  # member index -> {layer: the key the loss asked for}
+        for stage in stages:
+            member, _, layer = stage.rpartition("/")
+            wanted.setdefault(self.member_index(member), {})[layer] = stage
+        logits, features = [], {}
+        for index, member in enumerate(self.members):
+            keys = wanted.get(index, {})
+            member_logits, maps = member.forward_with_features(images, tuple(keys))
+            logits.append(member_logits)
+            features |= {keys[layer]: value for layer, value in maps.items()}
+        return self.combined(logits), features
 
     @property
     def live(self):
@@ -120,7 +144,8 @@ class EnsembleTeacher(nn.Module):
 def check_ensemble_loss(loss) -> None:
     """Before any work, for ``teacher=ensemble``: the loss does not need feature maps, which an ensemble cannot
     give. (Its members were checked, unknown timm or torchvision names included, when their specs were built.)"""
-    if loss is not None and loss.uses_teacher and loss.feature_stages().teacher:
+    teacher_stages = loss.feature_stages().teacher if loss is not None and loss.uses_teacher else ()
+    if any(not isinstance(stage, str) or "/" not in stage for stage in teacher_stages):  # MEMBER/LAYER is read
         raise KdError(
             f"loss {type(loss).__name__} compares the teacher's feature maps, but teacher=ensemble has one set per "
             "member; use a logit loss (kd, dist, dkd, ...) or a single teacher"

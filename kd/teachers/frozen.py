@@ -74,6 +74,11 @@ class FrozenTeacher(nn.Module):
     def preprocessing(self):
         return self.model.preprocessing
 
+    @property
+    def embedding(self) -> bool:
+        """True for a teacher without a classifier (timm's ``num_classes=0``): its output is its pooled features."""
+        return is_embedding(self.model)
+
     def train(self, mode: bool = True) -> FrozenTeacher:
         super().train(False)
         if self.bn_train_mode:
@@ -157,6 +162,12 @@ class FrozenTeacher(nn.Module):
                 "this is a bug in kd or in a custom loss, please report it with the config"
             )
         return end
+
+
+def is_embedding(model: nn.Module) -> bool:
+    """A network built without a classifier (timm's ``num_classes=0``): it outputs features, not class scores."""
+    net = getattr(model, "net", model)
+    return getattr(net, "num_classes", None) == 0
 
 
 def compiled_for_inference(run: Callable) -> Callable:

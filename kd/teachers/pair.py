@@ -15,7 +15,11 @@ from kd.teachers.ensemble import EnsembleTeacher
 from kd.teachers.frozen import FrozenTeacher
 
 
-def check_same_classes(student_logits: torch.Tensor, teacher_logits: torch.Tensor | None) -> None:
+def check_same_classes(
+    student_logits: torch.Tensor | tuple[torch.Tensor, ...], teacher_logits: torch.Tensor | None
+) -> None:
+    if isinstance(student_logits, tuple | list):  # a distilled student's (class head, distillation head)
+        student_logits = student_logits[0]
     if teacher_logits is not None and teacher_logits.shape[-1] != student_logits.shape[-1]:
         raise KdError(
             f"the teacher predicts {teacher_logits.shape[-1]} classes but the student {student_logits.shape[-1]}; "
@@ -42,7 +46,8 @@ def checked_models(
     if teacher is not None and not isinstance(teacher, FrozenTeacher | CachedTeacher | EnsembleTeacher):  # kd's own
         teacher = freeze(as_classifier(teacher))
     classes = output_classes(student)
-    teacher_classes = output_classes(teacher.model) if isinstance(teacher, FrozenTeacher) else None
+    embedding = isinstance(teacher, FrozenTeacher) and teacher.embedding  # features, not classes
+    teacher_classes = output_classes(teacher.model) if isinstance(teacher, FrozenTeacher) and not embedding else None
     if classes and teacher_classes and classes != teacher_classes:
         raise KdError(
             f"the teacher predicts {teacher_classes} classes but the student {classes}; "

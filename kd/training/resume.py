@@ -19,9 +19,12 @@ import numpy as np
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from kd.errors import KdError, NonFiniteError
+from kd.errors import KdError, NonFiniteError, WriteError
 from kd.io import write_atomic
+from kd.training.preemption import requeued_checkpoint
 
 log = logging.getLogger("kd")
 
@@ -36,7 +39,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         if storage_options is not None:
             raise TypeError("AtomicCheckpointIO takes no storage_options")
-        write_atomic(path, lambda tmp: torch.save(checkpoint, tmp))
+        write_atomic(path, lambda tmp: torch.save(checkpoint, tmp), what="checkpoint")
 
 
 class Checkpoint(ModelCheckpoint):
@@ -53,8 +56,15 @@ class Checkpoint(ModelCheckpoint):
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        if not isinstance(exception, NonFiniteError):
+        if isinstance(exception, SIGTERMException):  # preempted after a whole step (kd.training.preemption)
+            if self.save_last and trainer.state.fn == TrainerFn.FITTING and not self.saved_at_this_step(trainer):
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            return
+        if not isinstance(exception, NonFiniteError | WriteError):  # never over a good checkpoint; never twice
             super().on_exception(trainer, pl_module, exception)
+
+    def saved_at_this_step(self, trainer: L.Trainer) -> bool:
+        return self._last_global_step_saved == trainer.global_step and Path(self.last_model_path or "/-").exists()
 
 
 def rng_states() -> dict[str, Any]:
@@ -107,7 +117,10 @@ def checkpoint_folder(trainer: L.Trainer) -> Path | None:
 def resolve_checkpoint(ckpt_path: str | None, trainer: L.Trainer) -> Path | None:
     """The checkpoint to resume from: ``last`` is the newest ``last*.ckpt`` in this run's checkpoint folder."""
     if ckpt_path in (None, ""):
-        return None
+        requeued = requeued_checkpoint(checkpoint_folder(trainer))
+        if requeued is not None:
+            log.info("this SLURM job was requeued: resuming from %s", requeued)
+        return requeued
     if str(ckpt_path) == "last":
         folder = checkpoint_folder(trainer)
         candidates = sorted(folder.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime) if folder else []

@@ -20,30 +20,12 @@ from kd.tasks.checks import check_loss_gives_gradient, check_run_length
 from kd.tasks.common import build_data, build_trainer
 from kd.tasks.models import build_teacher_model
 from kd.tasks.train import fit
-from tests.conftest import FAST, run_cli
+from tests.conftest import FAST, HYDRA_FILES, assert_only_hydra_files, files_under, run_cli
 
 MODELS = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
 
 
-# What Hydra itself writes into a run's folder; a refused run must leave nothing else.
-HYDRA_FILES = {".hydra/config.yaml", ".hydra/hydra.yaml", ".hydra/overrides.yaml", "run.log"}
 MAX_MESSAGE = 300  # characters of one kd error line
-
-
-def files_under(folder: Path, leave_out: Path | None = None) -> set[str]:
-    """Every file below ``folder`` (relative paths), except those under ``leave_out``."""
-    return {
-        str(path.relative_to(folder))
-        for path in folder.rglob("*")
-        if not path.is_dir() and (leave_out is None or leave_out not in path.parents)
-    }
-
-
-def assert_only_hydra_files(out: Path, cache: Path | None = None) -> None:
-    left = files_under(out, leave_out=cache)
-    assert left <= HYDRA_FILES, f"a refused run wrote {sorted(left - HYDRA_FILES)}"
-    if cache is not None:
-        assert not files_under(cache), f"a refused run wrote into the cache: {sorted(files_under(cache))}"
 
 
 @pytest.fixture(autouse=True)
@@ -80,7 +62,10 @@ def assert_refused(result, expected: str, out: Path, cache: Path | None = None) 
     [
         (["teacher=nosuch"], "error: teacher=nosuch is unknown; python -m kd.zoo lists the zoo"),
         (["student=resnet_nope"], "error: student=resnet_nope is unknown; did you mean resnet"),
-        (["loss=nosuch"], "error: loss=nosuch is unknown; choose one of at, ce, crd, dist, dkd, dml, fitnet, js, kd, "),
+        (
+            ["loss=nosuch"],
+            "error: loss=nosuch is unknown; choose one of at, ce, crd, deit, dist, dkd, dml, feature_kd, fitnet, hard_kd, js, kd, ",
+        ),
         (["data=imagenett"], "error: data=imagenett is unknown; choose one of cifar10, cifar100, digits, fake"),
         (["-m", "loss=kd,nosuch"], "error: loss=nosuch is unknown; choose one of "),
     ],
@@ -199,7 +184,7 @@ def test_nonsensical_settings_stop_before_any_work(make_cfg, tmp_path, overrides
     refused = user_error(raised.value)  # what the CLI prints (instantiate wraps constructors' errors)
     assert refused is not None and expected in str(refused) and "\n" not in str(refused), raised.value
     assert not list(cache.rglob("*")), "the run trained a model before refusing"
-    assert not files_under(tmp_path / "out"), "a refused run wrote into its output folder"
+    assert_only_hydra_files(tmp_path / "out")
 
 
 def test_unwritable_output_folder_is_refused(make_cfg, tmp_path):
@@ -441,6 +426,96 @@ def test_a_worker_error_stays_one_line(tmp_path):
     assert "\n" not in str(refused.value)
 
 
+# ---------------------------------------------------------------- misspelled keys, keywords kd sets itself
+
+
+def test_a_misspelled_key_is_one_line_naming_the_closest_keys_of_its_group(tmp_path):
+    result = run_cli("optim.learning_rate=0.1", cwd=tmp_path, cache_dir=tmp_path / "cache")
+    assert_refused(result, "error: optim.learning_rate=0.1 is not a key of optim; closest: optim.lr,", tmp_path)
+    assert "python run.py --cfg job" in result.stderr and "+optim" not in result.stderr  # never Hydra's advice
+    assert not files_under(tmp_path)  # refused before Hydra made anything
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["data.batchsize=32"], "data.batchsize=32 is not a key of data; closest: data.batch_size,"),
+        (["sed=1"], "sed=1 is not a key at the top of the config; closest: seed,"),
+        (["optim=adamw", "optim.momentum=0.9"], "optim.momentum=0.9 is not a key of optim; closest: optim."),
+        (
+            ["trainer.max_epoch=3", "optim.lr=0.2,0.3"],
+            "trainer.max_epoch=3 is not a key of trainer; closest: trainer.max_epochs",
+        ),
+        (
+            ["teacher=timm", "teacher.model=resnet10t", "teacher.arch.drop_rat=0.1"],
+            "(+teacher.arch.drop_rat=0.1 passes a new keyword to the model's builder)",
+        ),
+    ],
+)
+def test_unknown_keys_are_refused_before_hydra_composes(overrides, expected):
+    with pytest.raises(KdError) as refused:
+        check_overrides(overrides)
+    assert expected in str(refused.value) and "--cfg job" in str(refused.value)
+
+
+def test_keys_that_exist_or_are_added_on_purpose_pass():
+    check_overrides(["teacher=timm", "teacher.model=resnet10t", "+teacher.arch.drop_rate=0.1", "teacher.weights=none"])
+    check_overrides(["optim=adamw,sgd", "optim.momentum=0.5"])  # the key of one swept option: Hydra checks each job
+    check_overrides(["experiment=cifar100_kd", "sched.milestones=[1,2]", "data.classes=10", "optim.lr=0.1,0.2"])
+
+
+def test_kd_distill_refuses_an_unknown_key_the_same_way():
+    import kd
+
+    loader = torch.utils.data.DataLoader([(torch.zeros(1, 8, 8), 0)])
+    with pytest.raises(KdError, match=r"^optim.learning_rate=0.1 is not a key of optim; closest: optim.lr,"):
+        kd.distill(torch.nn.Linear(64, 10), torch.nn.Linear(64, 10), loader, loader, optim={"learning_rate": 0.1})
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (
+            ["teacher=timm", "teacher.model=resnet10t", "+teacher.arch.num_classes=0"],
+            "loss=kd compares class predictions, but teacher.arch.num_classes=0 gives features only; use "
+            "loss=feature_kd",
+        ),
+        (
+            ["student=timm", "student.model=resnet10t", "+student.arch.num_classes=5"],
+            "student.arch.num_classes=5 cannot be given to a timm model (kd builds the classifier for the dataset's",
+        ),
+        (
+            ["teacher=timm", "teacher.model=resnet10t", "+teacher.arch.pretrained=true"],
+            "teacher.arch.pretrained=True cannot be given to a timm model (kd loads the weights itself: set "
+            "teacher.weights=pretrained",
+        ),
+        (
+            ["student=torchvision", "student.model=alexnet", "+student.arch.in_chans=1"],
+            "student.arch.in_chans=1 cannot be given to a torchvision model (torchvision's models read 3-channel "
+            "images; name the model with student=timm",
+        ),
+    ],
+)
+def test_keywords_kd_passes_itself_are_refused_in_one_sentence(make_cfg, tmp_path, overrides, expected):
+    with pytest.raises(KdError) as refused:
+        fit(make_cfg(*overrides), task="distill")
+    assert expected in str(refused.value)
+    assert_only_hydra_files(tmp_path / "out")
+
+
+def test_the_model_builders_refuse_those_keywords_too():
+    from kd.models.arch import TimmArch, TorchvisionArch
+
+    with pytest.raises(KdError, match=r"^pretrained=True cannot be given to a timm model \(kd loads the weights"):
+        TimmArch("resnet10t", pretrained=True)
+    with pytest.raises(KdError, match=r"^arch.num_classes=-3 must be 0 \(features only\) or a class count"):
+        TimmArch("resnet10t", num_classes=-3)
+    assert TimmArch("resnet10t", num_classes=0).build(10).num_classes == 0  # an embedding teacher's network
+    with pytest.raises(KdError, match=r"^pretrained=True cannot be given to a torchvision model"):
+        TorchvisionArch("alexnet", pretrained=True)
+    assert TimmArch("resnet10t", in_chans=1).build(10).conv1[0].in_channels == 1  # timm's in_chans is kd's too
+
+
 def test_pretrained_weights_of_a_model_without_published_ones_are_refused(tmp_path):
     """IGC V1, ShuffleNet V1 and the Residual Attention Network have no published PyTorch weights (the student's
     refusal, the same sentence, is tested in tests/models/test_seed_zoo_rows.py)."""
@@ -448,6 +523,139 @@ def test_pretrained_weights_of_a_model_without_published_ones_are_refused(tmp_pa
     result = run_cli(*args, cwd=tmp_path, cache_dir=tmp_path / "cache")
     assert_refused(result, "has no published PyTorch weights (the authors released", tmp_path, tmp_path / "cache")
     assert "weights=none" in result.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("quantize.method=int4", "quantize.method=int4 is unknown; use qad"),
+        ("quantize.epochs=-1", "quantize.epochs=-1 must be a whole number of epochs, 0 or more"),
+        ("quantize.calibration_batches=0", "quantize.calibration_batches=0 must be at least 1"),
+        ("quantize.calibration_batches=-3", "quantize.calibration_batches=-3 must be at least 1"),
+        ("quantize.lr_scale=0", "quantize.lr_scale=0 must be positive"),
+    ],
+)
+def test_bad_quantize_settings_are_refused_before_any_work(make_cfg, tmp_path, override, message):
+    from kd.tasks.quantize import quantize
+
+    with pytest.raises(KdError, match=message):
+        quantize(make_cfg("task=quantize", override))
+    assert not (tmp_path / "out").exists()  # refused before the output folder is made
+
+
+def test_quantize_run_without_a_finished_run_is_refused(make_cfg, tmp_path):
+    from kd.tasks.quantize import quantize
+
+    with pytest.raises(KdError, match=f"quantize.run={tmp_path} holds no finished kd run"):
+        quantize(make_cfg("task=quantize", f"quantize.run={tmp_path}"))
+
+
+def test_quantize_refuses_an_onnx_student(make_cfg, tmp_path):
+    from kd.tasks.quantize import quantize
+
+    with pytest.raises(KdError, match="is an exported file, which kd cannot fine-tune or re-quantize"):
+        quantize(make_cfg("task=quantize", f"student.weights={tmp_path / 'student.int8.onnx'}"))
+
+
+# ---------------------------------------------------------------- loss=deit, loss=hard_kd
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["loss=deit", "loss.distill_type=medium"], "loss.distill_type=medium is unknown; use hard"),
+        (["loss=deit", "loss.temperature=0"], "loss.temperature=0 must be positive"),
+        (["loss=deit", "loss.class_weight=-1"], "loss.class_weight=-1 must not be negative"),
+        (["loss=deit", "loss.distill_weight=-0.5"], "loss.distill_weight=-0.5 must not be negative"),
+        (["loss=deit", "loss.label_smoothing=1.5"], "loss.label_smoothing=1.5 must lie in [0, 1)"),
+        (["loss=deit"], "loss=deit trains a student with a distillation head, which ConvNet lacks; choose a timm"),
+        (["loss=hard_kd", "loss.label_smoothing=-0.1"], "loss.label_smoothing=-0.1 must lie in [0, 1)"),
+        (["loss=hard_kd", "loss.ce_weight=-1"], "loss.ce_weight=-1 must not be negative"),
+    ],
+)
+def test_bad_deit_and_hard_kd_settings_stop_before_any_work(make_cfg, tmp_path, overrides, expected):
+    cache = tmp_path / "fresh-cache"
+    cfg = make_cfg(*FAST, f"paths.cache_dir={cache}", *overrides)
+    with pytest.raises(Exception) as raised:
+        fit(cfg, task="distill")
+    refused = user_error(raised.value)
+    assert refused is not None and expected in str(refused) and "\n" not in str(refused), raised.value
+    assert len(str(refused)) < MAX_MESSAGE
+    assert not list(cache.rglob("*")), "the run trained a model before refusing"
+    assert not files_under(tmp_path / "out"), "a refused run wrote into its output folder"
+
+
+# ---------------------------------------------------------------- named layers of the feature losses
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (
+            ["loss=fitnet", "loss.student_layers=[featurs.1]", "loss.teacher_layers=[features.3]"],
+            "loss.student_layers has 'featurs.1', which is no module of the student (ConvNet); did you mean features.1",
+        ),
+        (
+            ["loss=at", "loss.student_layers=[features.1]", "loss.teacher_layers=[feature.3]"],
+            "loss.teacher_layers has 'feature.3', which is no module of the teacher (ConvNet); did you mean features.3",
+        ),
+        (
+            ["loss=at", "loss.student_layers=[features.0,features.1]", "loss.teacher_layers=[features.3]"],
+            "loss=at got 2 student_layers and 1 teacher_layers; give the same number",
+        ),
+        (
+            ["loss=crd", "loss.student_layers=[features.0,features.1]"],
+            "loss=crd got 2 student_layers and 0 teacher_layers; give 1 each",
+        ),
+        (["loss=sp", "loss.student_layers=features.1"], "loss.student_layers='features.1' must be a non-empty list"),
+        (["loss=rkd", "loss.teacher_layers=[]"], "loss.teacher_layers=[] must be a non-empty list of module names"),
+        (["loss=reviewkd", "loss.teacher_layers=[3]"], "loss.teacher_layers=[3] must hold module names (strings)"),
+    ],
+)
+def test_bad_named_layers_stop_before_any_work(make_cfg, tmp_path, overrides, expected):
+    cache = tmp_path / "fresh-cache"
+    cfg = make_cfg(*FAST, f"paths.cache_dir={cache}", *overrides)
+    with pytest.raises(Exception) as raised:
+        fit(cfg, task="distill")
+    refused = user_error(raised.value)
+    assert refused is not None and expected in str(refused) and "\n" not in str(refused), raised.value
+    assert len(str(refused)) < MAX_MESSAGE
+    assert not list(cache.rglob("*")), "the run trained a model before refusing"
+    assert not files_under(tmp_path / "out"), "a refused run wrote into its output folder"
+
+
+# ---------------------------------------------------------------- an embedding teacher, loss=feature_kd
+
+EMBEDDING_TEACHER = [
+    "teacher=timm", "teacher.model=vit_tiny_patch16_224", "teacher.weights=none", "+teacher.arch.num_classes=0",
+    "+teacher.arch.img_size=8", "+teacher.arch.patch_size=2", "+teacher.arch.depth=1", "+teacher.arch.embed_dim=16",
+    "+teacher.arch.num_heads=2", "+teacher.arch.data_config={input_size:[3,8,8]}",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "overrides, expected",
+    [
+        (["loss=kd"], "loss=kd compares class predictions, but teacher.arch.num_classes=0 gives features only"),
+        (["loss=dkd"], "use loss=feature_kd (or another feature loss)"),
+        (["loss=feature_kd", "teacher.cache=cache"], "leave teacher.cache=null"),
+        (["loss=feature_kd", "loss.distance=l1"], "loss.distance=l1 is unknown; use cosine or mse"),
+        (["loss=feature_kd", "loss.weight=-1"], "loss.weight=-1 must not be negative"),
+        (["loss=feature_kd", "loss.teacher_layers=[block.0]"], "did you mean blocks.0"),
+        (["loss=feature_kd", "+teacher.arch.num_classes=-3"], "teacher.arch.num_classes=-3 cannot be given to a timm"),
+    ],
+)
+def test_bad_embedding_teacher_settings_stop_before_any_work(make_cfg, tmp_path, overrides, expected):
+    cache = tmp_path / "fresh-cache"
+    teacher = EMBEDDING_TEACHER if "+teacher.arch.num_classes=-3" not in overrides else EMBEDDING_TEACHER[:3]
+    cfg = make_cfg(
+        "student.pretrain.epochs=2", "trainer.max_epochs=2", f"paths.cache_dir={cache}", *teacher, *overrides
+    )
+    with pytest.raises(Exception) as raised:
+        fit(cfg, task="distill")
+    refused = user_error(raised.value)
+    assert refused is not None and expected in str(refused) and "\n" not in str(refused), raised.value
+    assert len(str(refused)) < MAX_MESSAGE
 
 
 # ---------------------------------------------------------------- teacher.precision

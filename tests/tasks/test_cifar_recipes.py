@@ -10,6 +10,7 @@ from kd.errors import KdError
 from kd.losses import DecoupledKD, FitNet, HintonKD, LabelCrossEntropy
 from kd.tasks.records import choices
 from kd.tasks.train import fit
+from tests.conftest import assert_only_hydra_files
 
 PAIRS = {"": ("resnet32x4", "resnet8x4"), "_wrn": ("wrn_40_2", "wrn_16_2")}
 METHODS = ("ce", "kd", "dkd", "fitnet", "at", "sp", "pkt", "rkd", "crd", "reviewkd")
@@ -114,7 +115,7 @@ def test_recipe_without_a_teacher_file_stops_before_any_work(make_cfg, tmp_path,
     message = str(raised.value)
     assert message.startswith("teacher.weights is not set, and this recipe needs the teacher's trained weights")
     assert "teacher.weights=FILE" in message and "\n" not in message and len(message) < 300
-    assert not (tmp_path / "out" / "csv" / "metrics.csv").exists() and not (tmp_path / "out" / "checkpoints").exists()
+    assert_only_hydra_files(tmp_path / "out")
 
 
 # Each takes 20-80 s on a loaded 2-core machine; the two wrn ones (labels, features) stay in the fast suite.

@@ -2,6 +2,7 @@
 half-written cache."""
 
 import csv
+import errno
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import pytest
 import torch
 from hydra.utils import instantiate
 
+from kd.data.sampling import SeededViews
 from kd.errors import KdError
 from kd.module import DistillationModule
 from kd.tasks.auto_weights import AutoWeights
@@ -210,6 +212,26 @@ def test_a_sweep_over_losses_and_students_shares_one_cache(make_cfg, tmp_path):
         assert (again.folder, written) == (store.folder, []), variant
 
 
+def test_a_lookup_at_a_later_epoch_is_the_teachers_live_output_for_that_epochs_view(make_cfg, tmp_path):
+    """Epoch 1 (and a batch mixing epochs 1 and 0) against the teacher run now on the same seeded views."""
+    cfg = make_cfg(*FAST, f"teacher.cache={tmp_path}")
+    data = build_data(cfg, cfg.student)
+    teacher = build_teacher(cfg, data.num_classes, AutoWeights(cfg.paths.cache_dir, cfg.data, data, "cpu"))
+    store, _ = open_teacher_cache(cache_settings(cfg), teacher, data, epochs=2)
+    views = SeededViews(data.train_set, int(cfg.seed))
+    samples = [0, 7, 301, 1436]
+    keys = [(i, 1) for i in samples] + [(5, 1), (9, 0)]  # the last two: a batch of two epochs
+    with torch.no_grad():
+        live = teacher(torch.stack([views[key][0] for key in keys]))
+    cached = store.lookup(torch.tensor(keys))
+    top = live.max(1, keepdim=True).values  # stored: float16 of the logit minus its row's largest
+    close = (cached - live).abs() <= (live - top).abs() * 2**-11 + 1e-4
+    assert bool(close.all()), f"views {[keys[row] for row in (~close).any(1).nonzero()[:, 0].tolist()]} differ"
+    epoch_0 = store.lookup(torch.tensor([(i, 0) for i in samples]))
+    live = live[: len(samples)]
+    assert not torch.allclose(epoch_0, live, atol=1e-2)  # another epoch's views give other outputs
+
+
 @pytest.fixture(scope="module")
 def shared_root(tmp_path_factory):
     return tmp_path_factory.mktemp("teacher-outputs")
@@ -306,6 +328,26 @@ def test_a_damaged_or_unlisted_epoch_file_is_written_again(make_cfg, tmp_path):
     manifest = json.loads(store.manifest_path.read_text())
     manifest["epochs"] = [0]  # killed after the file was renamed into place, before the manifest listed it
     store.manifest_path.write_text(json.dumps(manifest))
+    _, written = open_cache(cfg, epochs=2)
+    assert written == [1]
+
+
+def test_a_full_disk_while_writing_an_epoch_keeps_the_manifest_to_complete_epochs(make_cfg, tmp_path, monkeypatch):
+    cfg = make_cfg(*FAST, f"teacher.cache={tmp_path}")
+    store, _ = open_cache(cfg, epochs=1)
+    real = os.replace
+
+    def disk_full(src, dst, *args, **kwargs):
+        if Path(dst).name == "epoch-0001.npy":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dst))
+        return real(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    with pytest.raises(KdError, match=r"^could not write the teacher-output cache epoch .*epoch-0001.npy \(No space"):
+        open_cache(cfg, epochs=2)
+    assert json.loads(store.manifest_path.read_text())["epochs"] == [0]  # only the complete epoch is listed
+    assert not store.epoch_path(1).exists() and not list(store.folder.glob(".*.tmp"))
+    monkeypatch.setattr(os, "replace", real)  # space again: the next run writes epoch 1 and reuses epoch 0
     _, written = open_cache(cfg, epochs=2)
     assert written == [1]
 

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -21,7 +22,7 @@ from kd.tasks.common import build_data
 from kd.tasks.models import build_teacher
 from kd.tasks.train import fit
 from kd.training.resume import RestoreRng
-from tests.conftest import FAST, ROOT, run_cli
+from tests.conftest import FAST, ROOT, assert_only_hydra_files, run_cli
 
 # 2 epochs of 22 steps (1,437 digits, batch 64), a checkpoint every 3 steps (and, by kd's Checkpoint, after the last).
 RUN = [*FAST, "callbacks.checkpoint.every_n_train_steps=3"]
@@ -32,8 +33,11 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def start_and_kill(folder, cache_dir, kill_after_step: int, run: list[str] = RUN) -> dict:
-    """Start the run, SIGKILL it once a checkpoint of step >= kill_after_step exists; its last checkpoint."""
+def start_and_kill(
+    folder, cache_dir, kill_after_step: int, run: list[str] = RUN, sig: signal.Signals = signal.SIGKILL
+) -> dict:
+    """Start the run, send it ``sig`` (SIGKILL) once a checkpoint of step >= kill_after_step exists; its last
+    checkpoint once the process has ended (with -SIGKILL, or kd's 143 after a SIGTERM)."""
     env = {**os.environ, "KD_CACHE_DIR": str(cache_dir), "WANDB_MODE": "offline"}
     command = [sys.executable, str(ROOT / "run.py"), *run, f"hydra.run.dir={folder}"]
     log = (folder.parent / "killed.err").open("w")
@@ -46,12 +50,13 @@ def start_and_kill(folder, cache_dir, kill_after_step: int, run: list[str] = RUN
             try:
                 stamp = last.stat().st_mtime_ns
                 if stamp != seen and load(last)["global_step"] >= kill_after_step:
-                    process.send_signal(signal.SIGKILL)
+                    process.send_signal(sig)
                     break
                 seen = stamp
             except (RuntimeError, OSError, EOFError):
                 pass  # not written yet, or replaced while being read
-        assert process.wait(timeout=600) == -signal.SIGKILL, (folder.parent / "killed.err").read_text()[-3000:]
+        expected = -signal.SIGKILL if sig == signal.SIGKILL else 128 + sig
+        assert process.wait(timeout=600) == expected, (folder.parent / "killed.err").read_text()[-3000:]
     finally:
         process.kill()
         log.close()
@@ -101,6 +106,34 @@ def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_and_metrics(tmp_path
     assert metrics[0] == metrics[1], f"killed at step {stopped_at}"
 
 
+@pytest.mark.slow
+def test_a_run_stopped_by_sigterm_saves_its_step_and_resumes_to_the_same_weights(tmp_path, cache_dir):
+    """SIGTERM (preemption): the step ends, last.ckpt holds it, one line says how to resume, exit code 143."""
+    run = [*FAST, "logger=csv", "callbacks.checkpoint.every_n_train_steps=10"]
+    alone, stopped = tmp_path / "alone", tmp_path / "stopped"
+    alone.mkdir(), stopped.mkdir()
+    result = run_cli(*run, cwd=alone, cache_dir=cache_dir)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    last = start_and_kill(stopped, cache_dir, kill_after_step=10, run=run, sig=signal.SIGTERM)
+    stopped_at = last["global_step"]  # the step the signal arrived in (the fast test below pins it exactly)
+    assert 10 <= stopped_at < TOTAL_STEPS
+    said = (stopped / "run.log").read_text()
+    line = f"stopped by SIGTERM after step {stopped_at} (epoch {last['epoch']}); its state is in {stopped}/checkpoints/"
+    assert line in said and f"resume with: python run.py {' '.join(run)} hydra.run.dir={stopped}" in said
+    assert "Traceback" not in said + (tmp_path / "killed.err").read_text() and not (stopped / "results.json").exists()
+    assert not list(stopped.rglob("*.tmp"))
+
+    resumed = run_cli(*run, "ckpt_path=last", cwd=stopped, cache_dir=cache_dir)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    expected, got = load(alone / "checkpoints" / "last.ckpt"), load(stopped / "checkpoints" / "last.ckpt")
+    assert got["global_step"] == expected["global_step"] == TOTAL_STEPS
+    for key, value in expected["state_dict"].items():
+        assert torch.equal(value, got["state_dict"][key]), f"{key} differs after a SIGTERM at step {stopped_at}"
+    metrics = [json.loads((folder / "results.json").read_text())["metrics"] for folder in (alone, stopped)]
+    assert metrics[0] == metrics[1]
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, cache_dir):
     """A short distillation run (1 epoch, checkpoint at its end): its folder, overrides and model files."""
@@ -119,10 +152,13 @@ def finished_run(tmp_path_factory, cache_dir):
 
 
 def refusal(make_cfg, *overrides) -> str:
+    """The refusal's sentence; the run wrote nothing (no csv/hparams.yaml of a logger attached too early)."""
+    cfg = make_cfg(*overrides)
     with pytest.raises(Exception) as raised:
-        fit(make_cfg(*overrides), task="distill")
+        fit(cfg, task="distill")
     problem = user_error(raised.value)
     assert problem is not None, raised.value
+    assert_only_hydra_files(Path(cfg.paths.output_dir))
     return str(problem)
 
 
@@ -215,3 +251,37 @@ def test_rng_states_travel_through_a_checkpoint_and_return_before_the_first_resu
     draws()  # setting up draws from the RNGs before training starts
     resuming.on_train_start(trainer=None, pl_module=None)
     assert draws() == expected
+
+
+def test_sigterm_stops_after_the_step_it_arrives_in_and_writes_that_step_to_last_ckpt(tmp_path):
+    """A real SIGTERM to this process in step 3 of a Lightning fit with kd's Checkpoint (fast; the whole
+    ``python run.py`` path is the slow test above)."""
+    import lightning as L
+    from lightning.pytorch.demos.boring_classes import BoringModel
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from kd.training.resume import AtomicCheckpointIO, Checkpoint
+
+    class SigtermInStep3(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if trainer.global_step == 2:  # the 3rd step begins: the signal arrives while it runs
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    folder = tmp_path / "checkpoints"
+    checkpoint = Checkpoint(dirpath=folder, save_last=True, save_top_k=0, every_n_train_steps=10)
+    trainer = L.Trainer(
+        accelerator="cpu",
+        max_steps=20,
+        logger=False,
+        plugins=[AtomicCheckpointIO()],
+        callbacks=[checkpoint, SigtermInStep3()],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        limit_val_batches=0,
+    )
+    previous = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SIGTERMException):
+        trainer.fit(BoringModel())
+    assert signal.getsignal(signal.SIGTERM) == previous  # Lightning put the process's own handler back
+    assert load(folder / "last.ckpt")["global_step"] == 3  # the step the signal arrived in, whole
+    assert not list(folder.glob("*.tmp"))
