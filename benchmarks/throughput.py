@@ -268,8 +268,9 @@ def hand_loop(setup: Setup, channels_last: bool | str = "auto", compile: bool = 
         for images, target, _ in setup.loader():
             images, target = images.to(device, non_blocking=True), target.to(device, non_blocking=True)
             with autocast:
-                with torch.no_grad():
-                    teacher_logits = forward_teacher(to_channels_last(images) if teacher_cl else images)
+                # In kd's teacher's precision (teacher.precision: bf16 autocast where native), logits in float32.
+                with torch.no_grad(), setup.teacher.autocast(device.type):
+                    teacher_logits = forward_teacher(to_channels_last(images) if teacher_cl else images).float()
                 student_images = to_channels_last(images) if channels_last else images
                 loss = setup.loss(forward_student(student_images), teacher_logits, target)
             optimizer.zero_grad()

@@ -33,6 +33,7 @@ from kd.tasks.given import Given
 from kd.tasks.train import fit
 from kd.teachers.frozen import FrozenTeacher
 from kd.teachers.pair import checked_models
+from kd.teachers.precision import teacher_precision
 
 log = logging.getLogger("kd")
 
@@ -125,6 +126,7 @@ def distill(
         bn_train_mode=bool(teacher_cfg.get("bn_train_mode", False)),
         channels_last=bool(teacher_cfg.get("channels_last", True)),
         compile=bool(teacher_cfg.get("compile", False)),
+        precision=teacher_precision(teacher_cfg.get("precision", "auto")),
     )
     student_model, frozen, num_classes = checked_models(as_classifier(student), teacher, None, freeze)
     data = LoaderData(train_loader, val_loader, num_classes, class_names)

@@ -32,12 +32,15 @@ def test_the_gpu_benchmark_runs_kd_and_the_hand_loop_in_both_memory_formats_on_a
     assert gpu.main([*tiny, "--steps", "2", "--warmup", "1", "--no-compile", "--precisions", "32-true"]) == 0
     result = json.loads(capsys.readouterr().out)
     runs = {(r["runner"], r["channels_last"], r["compile"]): r for r in result["runs"]}
-    assert set(runs) == {(runner, cl, False) for runner in ("kd", "hand") for cl in (True, False)}
+    runners = ("kd", "hand", "torchdistill") if gpu.PEER_INSTALLED else ("kd", "hand")
+    assert set(runs) == {(runner, cl, False) for runner in runners for cl in (True, False)}
     assert all(r["images_per_s"] > 0 for r in runs.values()) and not result["skipped"]
     assert set(result["kd_vs_hand"]) == {"32-true cl=True compile=False", "32-true cl=False compile=False"}
     assert result["kd_vs_hand"]["32-true cl=True compile=False"] == round(
         runs[("kd", True, False)]["images_per_s"] / runs[("hand", True, False)]["images_per_s"], 3
     )
+    if gpu.PEER_INSTALLED:
+        assert set(result["kd_vs_torchdistill"]) == set(result["kd_vs_hand"])
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA machine runs the benchmark itself")

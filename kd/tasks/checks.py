@@ -24,6 +24,7 @@ from kd.models.arch import SET_BY_KD, reserved_keyword
 from kd.tasks.models import cache_settings, is_ensemble, model_spec
 from kd.teachers.ensemble import check_ensemble_loss
 from kd.teachers.fill import check_teacher_cache
+from kd.teachers.precision import resolve_precision
 from kd.training.steps import planned_steps
 
 log = logging.getLogger("kd")
@@ -177,6 +178,12 @@ def check_model_keywords(cfg: DictConfig, loss: DistillationLoss, with_teacher: 
         raise KdError(f"{role}.arch.{key}={arch[key]} cannot be given to a {backend} model ({reason}); remove it")
 
 
+def check_teacher_precision(cfg: DictConfig, loss: DistillationLoss, device_type: str) -> None:
+    """teacher.precision is a known value, and 16 is not asked of a CPU (``kd.teachers.precision``)."""
+    teacher = cfg.get("teacher")
+    if teacher is not None and loss.uses_teacher and teacher.get("precision") is not None:
+        resolve_precision(teacher.precision, device_type)
+
 
 def cache_refusals(cfg: DictConfig) -> dict:
     """The settings ``teacher.cache`` cannot serve (``kd.teachers.fill.check_teacher_cache``)."""
@@ -206,6 +213,8 @@ def check_before_work(
     check_loss_gives_gradient(loss, cfg.loss, data.num_classes)
     check_embedding_teacher(cfg, loss)
     check_loss_networks(cfg, loss, data.num_classes)
+
+    check_teacher_precision(cfg, loss, trainer.strategy.root_device.type)
     check_teacher_cache(cache_settings(cfg), loss, **cache_refusals(cfg))  # the cache's own refusals (kd.teachers.fill)
     check_ensemble(cfg, loss)
     check_run_length(trainer, data, scheduler)

@@ -29,6 +29,7 @@ from kd.tasks.auto_weights import auto_weights
 from kd.tasks.models import ObtainAuto, build_student, build_teacher, model_spec
 from kd.teachers.frozen import FrozenTeacher
 from kd.training.optim import OptimizerRecipe
+from kd.training.precision import device_type_of, hardware_name, trainer_precision
 from kd.training.schedule_config import takes
 from kd.weights.sources import resolve
 
@@ -131,6 +132,7 @@ def optimizer_factory(cfg: DictConfig) -> OptimizerRecipe:
 
 def build_trainer(cfg: DictConfig, out: Path, extra_callbacks: list[L.Callback] = ()) -> L.Trainer:
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    trainer_cfg["precision"] = run_precision(cfg)
     interactive = sys.stdout.isatty()
     if trainer_cfg.get("enable_progress_bar") is None:
         trainer_cfg["enable_progress_bar"] = interactive
@@ -144,6 +146,19 @@ def build_trainer(cfg: DictConfig, out: Path, extra_callbacks: list[L.Callback] 
     return instantiate(
         trainer_cfg, default_root_dir=str(out), callbacks=callbacks + list(extra_callbacks), logger=False
     )
+
+
+def run_precision(cfg: DictConfig) -> str | int:
+    """``trainer.precision``, with ``auto`` resolved for the run's device (``kd.training.precision``), said once."""
+    given = cfg.trainer.get("precision", "32-true")
+    device_type = device_type_of(cfg.trainer.get("accelerator"))
+    chosen = trainer_precision(given, device_type)
+    if str(given) == "auto" and chosen == "bf16-mixed":
+        log.info("the student trains in bf16-mixed (%s; trainer.precision=32-true for float32)", hardware_name("cpu"))
+    elif str(given) == "auto":
+        why = "no native bf16 on this CPU" if device_type == "cpu" else "on a GPU, set bf16-mixed yourself"
+        log.info("the student trains in float32, 32-true (trainer.precision=auto: %s)", why)
+    return chosen
 
 
 def planned_trainer(cfg: DictConfig) -> L.Trainer:

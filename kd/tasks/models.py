@@ -26,6 +26,8 @@ from kd.teachers import build as teachers
 from kd.teachers.ensemble import EnsembleTeacher
 from kd.teachers.fill import CacheSettings
 from kd.teachers.frozen import FrozenTeacher
+from kd.teachers.precision import teacher_precision
+from kd.training.precision import device_type_of, trainer_precision
 
 # ``weights: auto``: called with the model's config and role, trains it once (or finds it cached), gives the file
 # (``kd.tasks.auto_weights.AutoWeights``).
@@ -115,6 +117,7 @@ def teacher_settings(teacher_cfg: DictConfig) -> teachers.TeacherSettings:
         bn_train_mode=bool(teacher_cfg.get("bn_train_mode", False)),
         channels_last=bool(teacher_cfg.get("channels_last", True)),
         compile=bool(teacher_cfg.get("compile", False)),
+        precision=teacher_precision(teacher_cfg.get("precision", "auto")),
     )
 
 
@@ -123,12 +126,14 @@ def cache_settings(cfg: DictConfig) -> CacheSettings | None:
     teacher_cfg = cfg.get("teacher")
     if teacher_cfg is None or not teacher_cfg.get("cache"):
         return None
+    accelerator = cfg.trainer.get("accelerator", "auto")
     return CacheSettings(
         folder=str(teacher_cfg.cache),
         topk=teacher_cfg.get("cache_topk", "auto"),
         seed=int(cfg.seed),
-        accelerator=str(cfg.trainer.get("accelerator", "auto")),
-        precision=str(cfg.trainer.get("precision", "32-true")),
+        accelerator=str(accelerator),
+        # trainer.precision=auto resolved as the run's trainer resolves it (kd.tasks.common.run_precision)
+        precision=str(trainer_precision(cfg.trainer.get("precision", "32-true"), device_type_of(accelerator))),
         teacher_name=teacher_cfg.get("name"),
         teacher_arch=OmegaConf.to_container(teacher_cfg.arch, resolve=True),
         data_config=OmegaConf.to_container(cfg.data, resolve=True),

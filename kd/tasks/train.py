@@ -46,6 +46,7 @@ from kd.tasks.models import cache_settings
 from kd.tasks.records import model_records, write_results
 from kd.teachers.ensemble import fingerprint_record
 from kd.teachers.fill import teacher_for_run
+from kd.teachers.precision import computed_precisions
 from kd.teachers.views import teacher_view_metrics
 from kd.training.optim import OptimizerRecipe
 from kd.training.preemption import StopOnRequeueSignal, preempted
@@ -210,6 +211,7 @@ def run_results(run: Run, module: DistillationModule, teacher, before: dict, aft
         "wall_time_s": round(seconds, 3),
         "train_images_per_s": round(run.throughput.images_per_s, 2),
         "world_size": run.trainer.world_size,
+        "precision": run_precisions(run.trainer, teacher),
         "train_images": training_images(run.data),
         "output_dir": str(run.out),
         "history": history_records,
@@ -229,3 +231,12 @@ def save_student(cfg: DictConfig, run: Run, module: DistillationModule, card: St
 
 def label(record: dict | None) -> str | None:
     return record["name"] if record else None
+
+
+def run_precisions(trainer: L.Trainer, teacher) -> dict[str, str]:
+    """What the run computed in: the student's Lightning precision and the teacher's (``teacher.precision``)."""
+    device_type = trainer.strategy.root_device.type
+    return {
+        "student": str(trainer.precision),
+        **({"teacher": "/".join(computed_precisions(teacher, device_type))} if teacher is not None else {}),
+    }

@@ -11,6 +11,7 @@ from kd.models import Classifier
 from kd.models.spec import EnsembleSpec, ModelSpec
 from kd.teachers.ensemble import EnsembleTeacher
 from kd.teachers.frozen import FrozenTeacher
+from kd.teachers.precision import TeacherPrecision
 from kd.weights.sources import load_weights, resolve
 
 log = logging.getLogger("kd")
@@ -19,11 +20,12 @@ log = logging.getLogger("kd")
 @dataclass(frozen=True)
 class TeacherSettings:
     """How the frozen teacher runs: BatchNorm on batch statistics (as SSLD did), NHWC memory format,
-    ``torch.compile``."""
+    ``torch.compile``, the precision it computes in."""
 
     bn_train_mode: bool = False
     channels_last: bool = True
     compile: bool = False
+    precision: TeacherPrecision = "auto"  # kd.teachers.precision: bf16 autocast where the hardware has it
 
 
 def build_teacher_model(spec: ModelSpec | EnsembleSpec, num_classes: int) -> Classifier:
@@ -50,6 +52,7 @@ def frozen(model: Classifier, settings: TeacherSettings, student_size: tuple[int
         channels_last=settings.channels_last,
         compile=settings.compile,
         resize_to=own if student_size is not None and own != student_size else None,
+        precision=settings.precision,
     )
 
 

@@ -35,6 +35,7 @@ from kd.losses.base import DistillationLoss
 from kd.teachers.cache import CachedTeacher, EpochFiller, TeacherOutputStore, resolve_topk
 from kd.teachers.ensemble import EnsembleTeacher
 from kd.teachers.frozen import FrozenTeacher
+from kd.teachers.precision import computed_precisions
 from kd.training.steps import planned_steps
 
 log = logging.getLogger("kd")
@@ -117,6 +118,7 @@ def teacher_identity(
     k: int,
     mixup: BatchMixup | None = None,
     world_size: int = 1,
+    device_type: str = "cpu",
 ) -> dict:
     """Everything that decides the stored values, and nothing else: not the loss, the student, the optimizer
     or the number of workers, so a sweep over those shares one cache. Without mixup not the batch size or the
@@ -128,6 +130,7 @@ def teacher_identity(
             "fingerprint": teacher.start_fingerprint,
             "preprocessing": teacher.preprocessing.to_dict(),
             **teacher_views(teacher),
+            **computed_in(teacher, device_type),
         },
         "precision": cache.precision,
         "data": {
@@ -151,6 +154,13 @@ def teacher_views(teacher: FrozenTeacher | EnsembleTeacher) -> dict:
     if isinstance(teacher, EnsembleTeacher):
         return {"ensemble": teacher.describe()}
     return {"resize_to": list(teacher.resize_to)} if getattr(teacher, "resize_to", None) else {}
+
+
+def computed_in(teacher: FrozenTeacher | EnsembleTeacher, device_type: str) -> dict:
+    """The teacher's own precision on the filling device when it is reduced (bf16, 16): its outputs differ from
+    float32's. Nothing for float32, so the caches of float32 teachers keep their keys."""
+    precisions = computed_precisions(teacher, device_type)
+    return {} if precisions == ["32"] else {"precision": precisions}
 
 
 def mixup_identity(mixup: BatchMixup | None, batch_size: int, world_size: int) -> dict | None:
@@ -250,7 +260,8 @@ def open_teacher_cache(
     if per_image:
         epochs = 1
     k = resolve_topk(cache.topk, data.num_classes)
-    identity = teacher_identity(cache, teacher, data, views, k, mixup, world_size)
+    fabric = L.Fabric(accelerator=cache.accelerator, devices=1, precision=cache.precision)
+    identity = teacher_identity(cache, teacher, data, views, k, mixup, world_size, fabric.device.type)
     store = TeacherOutputStore.under(
         cache.folder,
         cache.teacher_name or "teacher",
@@ -260,7 +271,6 @@ def open_teacher_cache(
         k=k,
         per_image=per_image,
     )
-    fabric = L.Fabric(accelerator=cache.accelerator, devices=1, precision=cache.precision)
     if mixup is None:
         fill = view_filler(teacher, views, data, fabric)
     else:

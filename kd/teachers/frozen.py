@@ -3,6 +3,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import torch
 import torch.nn.functional as F
@@ -10,6 +11,7 @@ from torch import nn
 
 from kd.errors import KdError
 from kd.models import Classifier
+from kd.teachers.precision import DTYPES, TeacherPrecision, describe_choice, resolve_precision, teacher_precision
 
 log = logging.getLogger("kd")
 
@@ -34,8 +36,11 @@ class FrozenTeacher(nn.Module):
     Speed: it runs under ``torch.inference_mode()`` (no autograd graph, no activation kept past its
     layer), in channels-last memory format when ``channels_last`` (faster on CPU with oneDNN and on
     GPUs with tensor cores; see the README's Performance section), compiled with ``torch.compile`` when
-    ``compile``, and under whatever autocast Lightning's precision plugin has opened around the
-    training step (``trainer.precision=bf16-mixed`` runs it in bfloat16).
+    ``compile``, and in ``precision`` (``kd.teachers.precision``): ``auto`` is bf16 autocast where the device
+    computes bf16 natively and otherwise whatever autocast Lightning's precision plugin has opened (none under
+    ``trainer.precision=32-true``); ``32`` turns autocast off, ``bf16`` and ``16`` turn it on. Training and
+    validation both go through ``forward_with_features``, so the teacher's metrics come from the outputs the loss
+    gets, which are float32 whatever the teacher computed in.
     """
 
     def __init__(
@@ -45,8 +50,11 @@ class FrozenTeacher(nn.Module):
         channels_last: bool = True,
         compile: bool = False,
         resize_to: tuple[int, int] | None = None,
+        precision: TeacherPrecision = "auto",
     ) -> None:
         super().__init__()
+        self.precision = teacher_precision(precision)
+        self._resolved: dict[str, str] = {}  # device type -> 32 | bf16 | 16, logged the first time
         self.model = model.requires_grad_(False)
         self.bn_train_mode = bn_train_mode
         # The teacher's own input size when it differs from the student's: it then sees the student's view
@@ -99,10 +107,29 @@ class FrozenTeacher(nn.Module):
         images = self.resized(images)
         if self.channels_last and images.dim() == 4:
             images = images.contiguous(memory_format=torch.channels_last)
-        with torch.inference_mode():
+        # Weights in half precision (trainer.precision=*-true) compute in their own dtype, as before.
+        full = weight.dtype == torch.float32
+        with torch.inference_mode(), self.autocast(images.device.type) if full else nullcontext():
             logits, features = self.run_model(images, stages)
-        # Normal tensors (not inference tensors), so losses can save them for the student's backward.
-        return logits.clone(), {stage: feature.clone() for stage, feature in features.items()}
+        # Normal tensors (not inference tensors), so losses can save them for the student's backward; float32 from
+        # a float32 teacher whatever its autocast computed in (a copy either way).
+        dtype = torch.float32 if full else logits.dtype
+        return logits.to(dtype, copy=True), {stage: f.to(dtype, copy=True) for stage, f in features.items()}
+
+    def resolved_precision(self, device_type: str) -> str:
+        """What this teacher computes in on ``device_type`` (``32``, ``bf16``, ``16``); logged once per device type."""
+        if device_type not in self._resolved:
+            resolved = resolve_precision(self.precision, device_type)
+            log.info(describe_choice(self.precision, resolved, device_type))
+            self._resolved[device_type] = resolved
+        return self._resolved[device_type]
+
+    def autocast(self, device_type: str) -> AbstractContextManager:
+        dtype = DTYPES[self.resolved_precision(device_type)]
+        if dtype is not None:
+            return torch.autocast(device_type, dtype=dtype)
+        # An explicit 32 holds under trainer.precision=bf16-mixed too; auto leaves the trainer's choice in place.
+        return torch.autocast(device_type, enabled=False) if self.precision == "32" else nullcontext()
 
     def resized(self, images: torch.Tensor) -> torch.Tensor:
         """The student's view at the teacher's own size (its interpolation; antialiased when shrinking)."""

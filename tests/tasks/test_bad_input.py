@@ -682,6 +682,24 @@ def test_bad_embedding_teacher_settings_stop_before_any_work(make_cfg, tmp_path,
     refused = user_error(raised.value)
     assert refused is not None and expected in str(refused) and "\n" not in str(refused), raised.value
     assert len(str(refused)) < MAX_MESSAGE
+
+
+# ---------------------------------------------------------------- teacher.precision
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("fp8", "teacher.precision=fp8 is unknown; use auto, 32, bf16 or 16 (16 on GPUs only)"),
+        ("16", "teacher.precision=16 runs on GPUs only; use teacher.precision=bf16 or auto on a CPU"),
+    ],
+)
+def test_a_teacher_precision_that_cannot_run_is_refused_before_any_work(make_cfg, tmp_path, value, expected):
+    cache = tmp_path / "fresh-cache"
+    cfg = make_cfg(*FAST, f"paths.cache_dir={cache}", f"teacher.precision={value}", "trainer.accelerator=cpu")
+    with pytest.raises(Exception) as raised:
+        fit(cfg, task="distill")
+    assert str(user_error(raised.value)) == expected
     assert not list(cache.rglob("*")), "the run trained a model before refusing"
     assert not files_under(tmp_path / "out"), "a refused run wrote into its output folder"
 

@@ -49,7 +49,7 @@ class RecordTeacherDtype(L.Callback):
         teacher.forward_with_features = recording
 
 
-def test_teacher_runs_in_bfloat16_when_the_trainer_precision_asks(make_cfg):
+def test_under_the_trainers_bf16_autocast_the_teacher_hands_the_loss_float32_logits(make_cfg):
     cfg = make_cfg("student.weights=none")
     data = build_data(cfg, cfg.student)
     arch = instantiate(cfg.student.arch)
@@ -71,7 +71,7 @@ def test_teacher_runs_in_bfloat16_when_the_trainer_precision_asks(make_cfg):
         enable_progress_bar=False,
     )
     trainer.fit(module, datamodule=data)
-    assert recorder.dtypes == [(torch.bfloat16, True)] * 2
+    assert recorder.dtypes == [(torch.float32, True)] * 2  # computed under autocast (teacher.precision), upcast
 
 
 @pytest.mark.slow

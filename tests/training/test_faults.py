@@ -29,8 +29,9 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def test_a_nan_loss_stops_at_its_step_naming_the_term_and_keeps_the_last_checkpoint(make_cfg, tmp_path):
-    cfg = make_cfg(*DIVERGING, "callbacks.checkpoint.every_n_train_steps=1")
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])  # the guard holds in either, whatever the default
+def test_a_nan_loss_stops_at_its_step_naming_the_term_and_keeps_the_last_checkpoint(make_cfg, tmp_path, precision):
+    cfg = make_cfg(*DIVERGING, "callbacks.checkpoint.every_n_train_steps=1", f"trainer.precision={precision}")
     with pytest.raises(NonFiniteError) as stopped:
         fit(cfg, task="distill")
     assert str(stopped.value) == (

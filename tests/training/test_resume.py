@@ -65,13 +65,15 @@ def start_and_kill(
 
 @pytest.mark.slow
 # The default format with the default loggers (csv and offline wandb, whose run resumes too); NCHW with csv alone.
-# Strong augmentation and mixup (timm's ops draw from Python's, NumPy's and torch's generators) resume exactly too.
+# Strong augmentation and mixup (timm's ops draw from Python's, NumPy's and torch's generators) resume exactly too,
+# and so does bf16-mixed (explicit here for every machine).
 @pytest.mark.parametrize(
     "memory_format",
     [
         "student.channels_last=true",
         "student.channels_last=false logger=csv",
         "logger=csv data.auto_augment=rand-m9-mstd0.5-inc1 data.re_prob=0.25 mixup=mixup",
+        "trainer.precision=bf16-mixed teacher.precision=bf16 logger=csv",
     ],
 )
 def test_a_run_killed_mid_epoch_resumes_to_the_same_weights_and_metrics(tmp_path, cache_dir, memory_format):
