@@ -269,9 +269,9 @@ def test_distill_of_plain_modules_ends_with_the_student_weights_of_the_same_run_
     assert results["metrics"] == json.loads((Path(cfg.paths.output_dir) / "results.json").read_text())["metrics"]
 
 
-def test_the_readme_shows_the_examples_as_they_are_tested():
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Using kd from Python", 1)[1].split("\n## ", 1)[0]
+def test_the_docs_show_the_examples_as_they_are_tested():
+    api = (ROOT / "docs" / "api.md").read_text()
+    section = api.split("## In a notebook", 1)[1].split("\n## What kd guarantees", 1)[0]
     blocks = [block.split("```", 1)[0] for block in section.split("```python\n")[1:]]
     files = [(EXAMPLES / name).read_text() for name in ("distill_in_notebook.py", "own_datamodule.py")]
     assert blocks == files

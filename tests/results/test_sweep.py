@@ -110,7 +110,7 @@ def test_a_crashing_job_records_its_exception_and_returns(make_cfg, tmp_path, ca
     from kd.launch.run import run_task
 
     cfg = make_cfg("hydra.mode=MULTIRUN", "seed=3")
-    cfg.task = {"_target_": "tests.test_sweep.explode", "_partial_": True}
+    cfg.task = {"_target_": "tests.results.test_sweep.explode", "_partial_": True}
     out = Path(cfg.paths.output_dir)
     out.mkdir(parents=True)
     (out / "failure.json").write_text("{}")  # from an earlier attempt: replaced

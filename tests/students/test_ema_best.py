@@ -63,7 +63,7 @@ def independent_ema(steps: list[tuple[int, dict]], decay: float) -> dict[str, to
 
 def test_the_average_follows_every_optimizer_step_and_is_never_trained(make_cfg, tmp_path):
     RecordWeights.runs.clear()
-    cfg = make_cfg(*FAST, *EMA, "+callbacks.record._target_=tests.test_ema_best.RecordWeights")
+    cfg = make_cfg(*FAST, *EMA, "+callbacks.record._target_=tests.students.test_ema_best.RecordWeights")
     results = fit(cfg, task="distill")
     [run] = RecordWeights.runs
     assert run["ema_in_optimizer"] == 0 and run["optimized"] and run["student_in_optimizer"]
@@ -109,7 +109,7 @@ def test_the_best_record_is_the_highest_top1_during_training_earliest_on_ties():
 def test_a_resume_from_a_mid_epoch_checkpoint_continues_the_same_average(make_cfg, tmp_path):
     every = [
         "callbacks.checkpoint.every_n_train_steps=3",
-        "+callbacks.copy._target_=tests.test_ema_best.CopyCheckpoint",
+        "+callbacks.copy._target_=tests.students.test_ema_best.CopyCheckpoint",
     ]
     alone = fit(make_cfg(*FAST, *EMA, *every), task="distill")
     assert (tmp_path / "mid.ckpt").is_file()

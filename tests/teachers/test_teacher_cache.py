@@ -353,8 +353,10 @@ def test_a_full_disk_while_writing_an_epoch_keeps_the_manifest_to_complete_epoch
 
 
 def test_bn_train_mode_cannot_be_cached(make_cfg, tmp_path):
+    from kd.tasks.cache_teacher import cache_teacher
+
     with pytest.raises(KdError, match="bn_train_mode=true"):
-        open_cache(make_cfg(*FAST, f"teacher.cache={tmp_path}", "teacher.bn_train_mode=true"))
+        cache_teacher(make_cfg(*FAST, f"teacher.cache={tmp_path}", "teacher.bn_train_mode=true"))
 
 
 @pytest.mark.slow
