@@ -177,7 +177,9 @@ def test_teacher_and_student_see_the_same_mixed_plain_batch():
 
     student = tiny(0)
     loss = RecordsLogits()
-    module = kd.DistillationModule(student, loss, teacher=copy.deepcopy(student), mixup=BatchMixup(mixup_alpha=1.0))
+    # float32 like the student: the default teacher precision (auto) is bf16 on a CPU that computes it natively
+    teacher = kd.FrozenTeacher(kd.as_classifier(copy.deepcopy(student)), precision="32")
+    module = kd.DistillationModule(student, loss, teacher=teacher, mixup=BatchMixup(mixup_alpha=1.0))
     module.student.eval()
     images, labels = torch.rand(8, 3, 16, 16), torch.arange(8)
     module.training_step((images, labels), 0)
