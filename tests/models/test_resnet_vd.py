@@ -51,6 +51,7 @@ def test_resnet152_vd_distills_into_resnet50_vd_for_two_steps(tmp_path, cache_di
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
 
 
+@pytest.mark.slow  # a python run.py process per case: over 10 s each
 def test_missing_weights_file_stops_with_one_sentence(tmp_path, cache_dir):
     missing = tmp_path / "nowhere" / "resnet152_vd.pth"
     result = run_cli(
@@ -69,6 +70,7 @@ def test_missing_weights_file_stops_with_one_sentence(tmp_path, cache_dir):
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.slow  # a python run.py process per case: over 10 s each
 def test_unreachable_timm_tag_says_how_to_give_weights(tmp_path, cache_dir, monkeypatch):
     result = run_cli(
         "teacher=resnet152_vd",

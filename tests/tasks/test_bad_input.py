@@ -71,6 +71,7 @@ def assert_refused(result, expected: str, out: Path, cache: Path | None = None) 
         (["-m", "loss=kd,nosuch"], "error: loss=nosuch is unknown; choose one of "),
     ],
 )
+@pytest.mark.slow  # a python run.py process per case: over 10 s each
 def test_unknown_group_option_is_one_line_naming_valid_names(tmp_path, args, expected):
     result = run_cli(*args, cwd=tmp_path, cache_dir=tmp_path / "cache")
     assert_refused(result, expected, tmp_path, tmp_path / "cache")
@@ -93,6 +94,7 @@ def test_unknown_option_of_a_long_group_names_the_closest_and_where_the_rest_are
     )
 
 
+@pytest.mark.slow  # a python run.py process per case: over 10 s each
 def test_unwritable_hydra_output_folder_is_one_line(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
@@ -149,6 +151,7 @@ def test_preflight_accepts_valid_overrides_and_sweeps():
         ),
     ],
 )
+@pytest.mark.slow  # a python run.py process per case: over 10 s each
 def test_refused_run_writes_only_hydra_files(tmp_path, args, expected):
     """Loggers start only after every check: no csv/hparams.yaml, no wandb/offline-run-* of a refused run."""
     cache = tmp_path / "cache"  # empty: weights=auto would train both digits models first
