@@ -150,14 +150,14 @@ def build_trainer(cfg: DictConfig, out: Path, extra_callbacks: list[L.Callback] 
 
 def run_precision(cfg: DictConfig) -> str | int:
     """``trainer.precision``, with ``auto`` resolved for the run's device (``kd.training.precision``), said once."""
-    given = cfg.trainer.get("precision", "32-true")
+    given = cfg.trainer.get("precision", "auto")
     device_type = device_type_of(cfg.trainer.get("accelerator"))
     chosen = trainer_precision(given, device_type)
     if str(given) == "auto" and chosen == "bf16-mixed":
-        log.info("the student trains in bf16-mixed (%s; trainer.precision=32-true for float32)", hardware_name("cpu"))
+        log.info("the student trains in bf16-mixed (%s; trainer.precision=32-true for float32)", hardware_name(device_type))
     elif str(given) == "auto":
-        why = "no native bf16 on this CPU" if device_type == "cpu" else "on a GPU, set bf16-mixed yourself"
-        log.info("the student trains in float32, 32-true (trainer.precision=auto: %s)", why)
+        log.info("the student trains in float32, 32-true (trainer.precision=auto: no native bf16 on this %s)",
+                 "GPU" if device_type == "cuda" else device_type.upper())  # fmt: skip
     return chosen
 
 

@@ -133,7 +133,7 @@ def cache_settings(cfg: DictConfig) -> CacheSettings | None:
         seed=int(cfg.seed),
         accelerator=str(accelerator),
         # trainer.precision=auto resolved as the run's trainer resolves it (kd.tasks.common.run_precision)
-        precision=str(trainer_precision(cfg.trainer.get("precision", "32-true"), device_type_of(accelerator))),
+        precision=str(trainer_precision(cfg.trainer.get("precision", "auto"), device_type_of(accelerator))),
         teacher_name=teacher_cfg.get("name"),
         teacher_arch=OmegaConf.to_container(teacher_cfg.arch, resolve=True),
         data_config=OmegaConf.to_container(cfg.data, resolve=True),

@@ -202,6 +202,9 @@ def distill_quantized(
         run_cfg.callbacks.checkpoint = None
         if run_cfg.get("sched") and "warmup_epochs" in run_cfg.sched:
             run_cfg.sched.warmup_epochs = 0  # a short schedule: straight into the cosine decay
+        if str(run_cfg.trainer.get("precision", "auto")) == "auto":  # INT8 ranges are simulated in float32
+            run_cfg.trainer.precision = "32-true"
+            log.info("quantization-aware distillation trains the fake-quantized student in float32 (32-true)")
     loss = given.loss if given.loss is not None else instantiate(run_cfg.loss)
     mixup = instantiate(run_cfg.mixup) if run_cfg.get("mixup") else None
     optimizer = optimizer_factory(run_cfg)

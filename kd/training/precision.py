@@ -53,8 +53,8 @@ def device_type_of(accelerator: str | None) -> str:
 
 
 def trainer_precision(precision: str | int, device_type: str) -> str | int:
-    """Lightning's precision for ``trainer.precision``: ``auto`` is ``bf16-mixed`` on a CPU that computes bf16
-    natively, ``32-true`` elsewhere; any other value is Lightning's, as given."""
+    """Lightning's precision for ``trainer.precision``: ``auto`` (the default) is ``bf16-mixed`` where the device
+    computes bf16 natively, ``32-true`` elsewhere; any other value is Lightning's, as given."""
     if str(precision) != "auto":
         return precision
-    return "bf16-mixed" if device_type == "cpu" and native_bf16("cpu") else "32-true"
+    return "bf16-mixed" if native_bf16(device_type) else "32-true"

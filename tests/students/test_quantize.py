@@ -183,14 +183,17 @@ def teacher_kl(cfg: DictConfig, int8: Path) -> float:
 
 
 @pytest.mark.slow
-def test_qad_distills_the_quantized_student_and_leaves_the_teacher_unchanged(distilled, cache_dir, tmp_path):
+def test_qad_distills_the_quantized_student_and_leaves_the_teacher_unchanged(distilled, cache_dir, tmp_path, caplog):
     run = f"quantize.run={distilled}"
     ptq_cfg = compose_cfg(tmp_path / "ptq", cache_dir, "task=quantize", "quantize.method=ptq", run)
     ptq = quantize(ptq_cfg)
     qad_cfg = compose_cfg(tmp_path / "qad", cache_dir, "task=quantize", "quantize.epochs=2", run)
     teacher = build_teacher(qad_cfg, 10, auto_weights(qad_cfg, DigitsData()))
     before = fingerprint(teacher.model)
-    qad = quantize(qad_cfg)
+    with caplog.at_level("INFO", logger="kd"):
+        qad = quantize(qad_cfg)
+    # trainer.precision=auto (the default) fine-tunes the fake-quantized student in float32, wherever bf16 is native.
+    assert "fake-quantized student in float32 (32-true)" in caplog.text
 
     # The teacher stayed fp32, frozen and unchanged, and is the teacher the student was distilled from.
     assert fingerprint(build_teacher(qad_cfg, 10, auto_weights(qad_cfg, DigitsData())).model) == before

@@ -1,4 +1,5 @@
-"""trainer.precision=auto: bf16-mixed on a CPU that computes bf16 natively, 32-true elsewhere, said in one line."""
+"""trainer.precision=auto (the default): bf16-mixed where the device computes bf16 natively, 32-true elsewhere,
+said in one line."""
 
 import logging
 
@@ -12,8 +13,8 @@ from kd.training.precision import device_type_of, native_bf16, trainer_precision
 @pytest.mark.parametrize("native", [True, False], ids=["native-bf16", "no-native-bf16"])
 def test_auto_trains_the_student_in_bf16_mixed_only_where_the_cpu_has_bf16(make_cfg, monkeypatch, caplog, native):
     monkeypatch.setattr(hardware, "native_bf16", lambda device_type: native)
-    assert make_cfg().trainer.precision == "32-true"  # the default: auto is the switch to try (docs/performance.md)
-    cfg = make_cfg("trainer.accelerator=cpu", "trainer.precision=auto")
+    assert make_cfg().trainer.precision == "auto"  # the default (docs/performance.md)
+    cfg = make_cfg("trainer.accelerator=cpu")
     with caplog.at_level(logging.INFO, logger="kd"):
         trainer = build_trainer(cfg, cfg.paths.output_dir)
     expected = "bf16-mixed" if native else "32-true"
@@ -27,7 +28,9 @@ def test_an_explicit_precision_stays_as_set(make_cfg, monkeypatch):
     assert run_precision(make_cfg("trainer.precision=32-true", "trainer.accelerator=cpu")) == "32-true"
     monkeypatch.setattr(hardware, "native_bf16", lambda device_type: False)
     assert run_precision(make_cfg("trainer.precision=bf16-mixed", "trainer.accelerator=cpu")) == "bf16-mixed"
-    assert trainer_precision("auto", "cuda") == "32-true"  # auto picks bf16 on CPUs only
+    assert trainer_precision("auto", "cuda") == "32-true"  # a GPU without native bf16 (pre-Ampere) too
+    monkeypatch.setattr(hardware, "native_bf16", lambda device_type: device_type == "cuda")
+    assert trainer_precision("auto", "cuda") == "bf16-mixed" and trainer_precision("auto", "cpu") == "32-true"
 
 
 def test_a_cpu_without_the_bf16_flags_has_no_native_bf16(monkeypatch):
