@@ -81,7 +81,7 @@ def fit(cfg: DictConfig, task: str, given: Given | None = None) -> dict:
     resume = ResumePoint.find(cfg.get("ckpt_path"), run.trainer)
     teacher, student = models_for(cfg, task, given, run)  # trains weights=auto models, fills teacher.cache
     module = distillation_module(cfg, run, student, teacher)
-    if resume is not None:  # the teacher first, then the student and the data position; Lightning checks no more
+    if resume is not None:  # the teacher (its guard then skips this checkpoint), the student, the data position
         run.teacher_guard.check_resume(resume.checkpoint, resume.path, teacher)
         resume.check(module, run.data.batch_size, run.trainer.world_size)
     records = model_records(cfg, task)  # read once: the card, the dashboards' tags and results.json

@@ -29,9 +29,14 @@ def check_teacher(saved: str | None, current: str | None, path: str | Path | Non
         )
 
 
+def teacher_of(pl_module: L.LightningModule) -> Any | None:
+    """The frozen teacher beside the module (``DistillationModule.teacher``); None: nothing to guard."""
+    return getattr(pl_module, "teacher", None)
+
+
 class TeacherGuard(L.Callback):
-    """Reads the module's ``teacher`` (None: nothing to guard). A task that checked the checkpoint before any
-    work (``check_resume``) is not checked again when Lightning loads it."""
+    """Guards the module's ``teacher``. A checkpoint a task checked before any work (``check_resume``) is not
+    checked again when Lightning loads it."""
 
     def __init__(self) -> None:
         self.checked: Path | None = None
@@ -43,7 +48,7 @@ class TeacherGuard(L.Callback):
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The teacher runs beside the training wrapper (DDP), never inside it, on this process's device."""
-        teacher = pl_module.teacher
+        teacher = teacher_of(pl_module)
         if teacher is None:
             return
         teacher.to(pl_module.device)
@@ -71,16 +76,16 @@ class TeacherGuard(L.Callback):
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """The fingerprint check also ends a fit in a user's own Trainer (kd's tasks record the end fingerprint)."""
-        if pl_module.teacher is not None:
-            pl_module.teacher.check_unchanged()
+        if (teacher := teacher_of(pl_module)) is not None:
+            teacher.check_unchanged()
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         # At the checkpoint's top level, where kd has always written it and older checkpoints have it.
-        if pl_module.teacher is not None:
-            checkpoint["teacher_fingerprint"] = pl_module.teacher.start_fingerprint
+        if (teacher := teacher_of(pl_module)) is not None:
+            checkpoint["teacher_fingerprint"] = teacher.start_fingerprint
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        path = trainer.ckpt_path
-        if pl_module.teacher is None or (self.checked is not None and path and Path(path) == self.checked):
+        teacher, path = teacher_of(pl_module), trainer.ckpt_path
+        if teacher is None or (self.checked is not None and path and Path(path) == self.checked):
             return
-        check_teacher(checkpoint.get("teacher_fingerprint"), pl_module.teacher.start_fingerprint, path)
+        check_teacher(checkpoint.get("teacher_fingerprint"), teacher.start_fingerprint, path)
