@@ -104,7 +104,7 @@ class DistillationModule(L.LightningModule):
         self.loss = loss
         self.__dict__["teacher"] = teacher  # bypasses nn.Module registration, see the class docstring
         loss.bind(student, teacher)
-        if fast is None:  # a task checked its own before any work
+        if fast is None:  # no task checked them before any work (kd.tasks.train passes its FastPath)
             fast = FastPath.checked(channels_last, compile, loss.feature_stages().student)
         self.channels_last = fast.channels_last_for(student)
         if self.channels_last:  # same values, another memory order; exported weights are written contiguous
