@@ -120,6 +120,13 @@ def load_into(net: nn.Module, state: dict[str, torch.Tensor], classifier: tuple[
     def in_classifier(key: str) -> bool:
         return key.startswith(classifier)
 
+    classifier_left_out = [k for k in unexpected if in_classifier(k)]
+    if classifier_left_out and not any(in_classifier(k) for k in own):
+        # Built without a classifier (timm's num_classes=0, an embedding teacher): its weights load without theirs,
+        # as timm loads pretrained weights into such a model.
+        state = {k: v for k, v in state.items() if k not in classifier_left_out}
+        unexpected = [k for k in unexpected if k not in classifier_left_out]
+        log.info("%s: left out its classifier (%s), since the model has none", source, classifier_left_out[0])
     replace_head = bool(mismatched) and all(in_classifier(k) for k in mismatched)
     if replace_head:
         state = {k: v for k, v in state.items() if not in_classifier(k)}

@@ -586,6 +586,7 @@ def test_bad_deit_and_hard_kd_settings_stop_before_any_work(make_cfg, tmp_path, 
     assert refused is not None and expected in str(refused) and "\n" not in str(refused), raised.value
     assert len(str(refused)) < MAX_MESSAGE
 
+
 # ---------------------------------------------------------------- strong augmentation and teacher.view
 
 
@@ -705,6 +706,7 @@ def test_a_teacher_precision_that_cannot_run_is_refused_before_any_work(make_cfg
     assert str(user_error(raised.value)) == expected
     assert not list(cache.rglob("*")), "the run trained a model before refusing"
     assert not files_under(tmp_path / "out"), "a refused run wrote into its output folder"
+
 
 def test_a_bad_teacher_view_on_the_command_line_exits_with_code_2_in_one_line(tmp_path):
     result = run_cli("teacher.view=fixd", cwd=tmp_path, cache_dir=tmp_path / "cache")

@@ -198,3 +198,24 @@ def test_torchvision_weights_load_into_the_zoo_googlenet(monkeypatch):
     with torch.inference_mode():
         assert torch.equal(model.net(images), published(images))
     assert model.preprocessing.mean == (0.485, 0.456, 0.406) and model.preprocessing.crop_pct == 224 / 256
+
+
+def test_a_model_built_without_a_classifier_loads_weights_that_have_one(tmp_path, caplog):
+    """An embedding teacher (timm num_classes=0) loads a classifier-trained file without its head, as timm does."""
+    arch = {"_target_": "kd.models.TimmArch", "model_name": "vit_tiny_patch16_224", "img_size": 8, "patch_size": 2,
+            "depth": 1, "embed_dim": 16, "num_heads": 2}  # fmt: skip
+    spec = OmegaConf.create({"arch": arch, "name": "vit", "weights": None})
+    torch.manual_seed(0)
+    trained = build_student(spec, 10).net
+    path = tmp_path / "vit.safetensors"
+    save_file(trained.state_dict(), str(path))
+    spec.weights, spec.arch = str(path), {**arch, "num_classes": 0}
+    with caplog.at_level("INFO"):
+        teacher = build_teacher_model(spec, 10)
+    assert "left out its classifier (head.bias)" in caplog.text
+    images = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(teacher.net(images), trained.forward_head(trained.forward_features(images), pre_logits=True))
+    spec.arch = {**arch, "embed_dim": 32}  # the body must still fit: only the classifier is left out
+    with pytest.raises(KdError, match="do not fit this architecture"):
+        build_teacher_model(spec, 10)
