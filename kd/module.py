@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable
 
@@ -19,14 +18,14 @@ from kd.errors import KdError, NonFiniteError
 from kd.losses.base import DistillationLoss, Features
 from kd.models import Classifier
 from kd.students.ema import student_ema
-from kd.students.fast import check_compile, to_channels_last, wants_channels_last
+from kd.students.fast import FastPath, to_channels_last
 from kd.teachers.cache import CachedTeacher
 from kd.teachers.frozen import FrozenTeacher
+from kd.teachers.guards import TeacherGuard
 from kd.teachers.pair import check_same_classes, checked_models
+from kd.training.guards import FiniteCheckpoints
 from kd.training.optim import OptimizerFactory, OptimizerRecipe
 from kd.training.schedule_config import scheduler_config
-
-log = logging.getLogger("kd")
 
 SchedulerFactory = Callable[..., object]
 
@@ -64,9 +63,14 @@ class DistillationModule(L.LightningModule):
     cache needs.
 
     ``channels_last`` (true, false or auto: conv nets only) keeps the student's weights and inputs in NHWC
-    memory order, and ``compile`` runs its forward pass through ``torch.compile`` (see ``kd.students.fast``).
+    memory order, and ``compile`` runs its forward pass through ``torch.compile`` (see ``kd.students.fast``);
+    ``fast`` (a ``FastPath`` a task has already checked) replaces both.
     ``ema_decay`` (None: off) keeps ``student_ema``, a moving average of the student's weights updated after
     every optimizer step, validated beside the student as ``student_ema/*`` and checkpointed (``kd.students.ema``).
+
+    The module holds the step, validation and the optimizer; the guards of the teacher (``kd.teachers.guards``) and
+    of the checkpoints (``kd.training.guards``) are Lightning callbacks it adds to any Trainer
+    (``configure_callbacks``).
     """
 
     def __init__(
@@ -81,6 +85,7 @@ class DistillationModule(L.LightningModule):
         channels_last: bool | str | None = "auto",
         compile: bool = False,
         ema_decay: float | None = None,
+        fast: FastPath | None = None,
     ) -> None:
         super().__init__()
         if teacher is None and loss.uses_teacher:
@@ -99,14 +104,16 @@ class DistillationModule(L.LightningModule):
         self.loss = loss
         self.__dict__["teacher"] = teacher  # bypasses nn.Module registration, see the class docstring
         loss.bind(student, teacher)
-        check_compile(compile, loss.feature_stages().student)
-        self.channels_last = wants_channels_last(channels_last, student)
+        if fast is None:  # no task checked them before any work (kd.tasks.train passes its FastPath)
+            fast = FastPath.checked(channels_last, compile, loss.feature_stages().student)
+        self.channels_last = fast.channels_last_for(student)
         if self.channels_last:  # same values, another memory order; exported weights are written contiguous
             student.to(memory_format=torch.channels_last)
         # The compiled forward shares the student's parameters; kept out of the module tree (no second copy
         # of the weights in state_dict()).
-        self.__dict__["student_forward"] = torch.compile(student) if compile else student
+        self.__dict__["student_forward"] = torch.compile(student) if fast.compile else student
         self.num_classes = num_classes
+        self.bound_samples: int | None = None  # the training-set size the loss was sized for (bind_data)
         # After channels_last: the average keeps the student's memory order. Registered (checkpointed), never trained.
         self.student_ema = student_ema(student, ema_decay) if ema_decay is not None else None
         self.mixup = mixup
@@ -132,7 +139,14 @@ class DistillationModule(L.LightningModule):
         # one entry per training image (CRD's memory) size it here.
         train_set = getattr(self.trainer.datamodule, "train_set", None) if stage == "fit" else None
         if train_set is not None:
-            self.loss.bind_data(len(train_set))
+            self.bind_data(len(train_set))
+
+    def bind_data(self, num_samples: int) -> None:
+        """The loss's ``bind_data``, once per training-set size: ``setup`` calls it, and kd's tasks earlier, before a
+        checkpoint's ``loss.*`` shapes are compared with the module's."""
+        if num_samples != self.bound_samples:
+            self.loss.bind_data(num_samples)
+            self.bound_samples = num_samples
 
     def on_train_epoch_start(self) -> None:
         self.loss.start_epoch(self.current_epoch)
@@ -253,12 +267,14 @@ class DistillationModule(L.LightningModule):
             super().lr_scheduler_step(scheduler, metric)
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """The LR of every step reaches the loggers also in a user's own Trainer (``python run.py`` configures
-        Lightning's ``LearningRateMonitor`` itself; it logs as often as ``trainer.log_every_n_steps`` says)."""
+        """The guards of the teacher and of the checkpoints, and the LR of every step for the loggers, also in a
+        user's own Trainer. One the Trainer already has is kept (``python run.py`` configures them itself, and
+        Lightning's ``LearningRateMonitor`` logs as often as ``trainer.log_every_n_steps`` says)."""
         trainer = self.trainer
-        if not trainer.loggers or any(isinstance(c, LearningRateMonitor) for c in trainer.callbacks):
-            return []
-        return [LearningRateMonitor(logging_interval="step")]
+        wanted = [TeacherGuard(), FiniteCheckpoints()]
+        if trainer.loggers:
+            wanted.append(LearningRateMonitor(logging_interval="step"))
+        return [c for c in wanted if not any(isinstance(present, type(c)) for present in trainer.callbacks)]
 
     def stop_on_non_finite_loss(self, loss: torch.Tensor, batch_idx: int) -> None:
         """Raised before the backward pass, so the weights and the last checkpoint are still the good ones."""
@@ -269,58 +285,3 @@ class DistillationModule(L.LightningModule):
             f"batch {batch_idx}), so the run stopped and kept its last good checkpoint; lower optim.lr, clip "
             "gradients (trainer.gradient_clip_val=1.0) or check the inputs"
         )
-
-    def on_train_start(self) -> None:
-        """The teacher runs beside the training wrapper (DDP), never inside it, on this process's device."""
-        if self.teacher is None:
-            return
-        self.teacher.to(self.device)
-        wrapped = self.trainer.strategy.model
-        teacher_params = {id(p) for p in self.teacher.parameters()}
-        if any(id(p) in teacher_params for p in wrapped.parameters()):
-            raise KdError(
-                "the teacher's parameters are registered inside the LightningModule, so they would be checkpointed and "
-                "wrapped for training; keep the teacher out of the module's attributes (pass it as teacher=)"
-            )
-        trained = sum(
-            id(p) in teacher_params for o in self.trainer.optimizers for g in o.param_groups for p in g["params"]
-        )
-        if trained:
-            raise KdError(
-                f"the optimizer holds {trained} of the teacher's parameter tensors, but the teacher is frozen and "
-                "never trained; build the optimizer from the student's parameters only (self.parameters())"
-            )
-        log.info(
-            "teacher on %s, outside %s (%d trainable tensors) and the optimizer, process %d of %d",
-            self.device,
-            type(wrapped).__name__,
-            sum(1 for p in wrapped.parameters() if p.requires_grad),
-            self.global_rank + 1,
-            self.trainer.world_size,
-        )
-
-    def on_fit_end(self) -> None:
-        """The fingerprint check also ends a fit in a user's own Trainer (kd's tasks record the end fingerprint)."""
-        if self.teacher is not None:
-            self.teacher.check_unchanged()
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # A checkpoint with NaN or infinite weights would replace the last good one: refuse to write it.
-        broken = next(
-            (k for k, v in checkpoint["state_dict"].items() if v.is_floating_point() and not v.isfinite().all()), None
-        )
-        if broken is not None:
-            raise NonFiniteError(
-                f"the student's weights became non-finite ({broken}) by step {self.global_step}, so the run stopped "
-                "and kept its last good checkpoint; lower optim.lr or clip gradients (trainer.gradient_clip_val=1.0)"
-            )
-        if self.teacher is not None:
-            checkpoint["teacher_fingerprint"] = self.teacher.start_fingerprint
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        saved = checkpoint.get("teacher_fingerprint")
-        if self.teacher is not None and saved and saved != self.teacher.start_fingerprint:
-            raise KdError(
-                "the checkpoint was distilled from another teacher (fingerprint "
-                f"{saved[:12]} != {self.teacher.start_fingerprint[:12]}); resume with the same teacher"
-            )

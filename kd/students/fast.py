@@ -10,6 +10,8 @@ nets only: a network with a ``Conv2d`` and no attention layer. Attention layers 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -29,13 +31,18 @@ def is_conv_net(model: nn.Module) -> bool:
     return has_conv and not has_attention
 
 
-def wants_channels_last(setting: bool | str | None, model: nn.Module) -> bool:
-    """``student.channels_last``: true, false, or auto/None (= true for conv nets, see ``is_conv_net``)."""
+def channels_last_setting(setting: bool | str | None) -> bool | None:
+    """``student.channels_last``: true, false, or None for auto (decided per network, see ``is_conv_net``)."""
     if setting is None or (isinstance(setting, str) and setting.lower() == "auto"):
-        return is_conv_net(model)
+        return None
     if isinstance(setting, bool):
         return setting
     raise KdError(f"student.channels_last={setting!r} is not one of true, false or auto; pick one of them")
+
+
+def wants_channels_last(setting: bool | str | None, model: nn.Module) -> bool:
+    """``student.channels_last``: true, false, or auto/None (= true for conv nets, see ``is_conv_net``)."""
+    return FastPath(channels_last_setting(setting)).channels_last_for(model)
 
 
 def to_channels_last(images: torch.Tensor) -> torch.Tensor:
@@ -51,3 +58,23 @@ def check_compile(compile_student: bool, student_stages: tuple[int, ...]) -> Non
             "student.compile=true compiles the student's plain forward pass, but this loss reads its intermediate "
             f"features (stages {list(student_stages)}), which would run uncompiled; set student.compile=false"
         )
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """The student's ``channels_last`` (None: auto) and ``compile`` settings, checked once: a task builds it before
+    any work and hands it to ``DistillationModule(fast=...)``, which builds its own only when given none."""
+
+    channels_last: bool | None = None
+    compile: bool = False
+
+    @classmethod
+    def checked(cls, channels_last: bool | str | None, compile: bool, student_stages: tuple[int, ...]) -> FastPath:
+        """Refuses ``compile`` with a loss that reads the student's intermediate features (``student_stages``, see
+        ``check_compile``) and a ``channels_last`` value that is not true, false or auto."""
+        check_compile(bool(compile), student_stages)
+        return cls(channels_last_setting(channels_last), bool(compile))
+
+    def channels_last_for(self, model: nn.Module) -> bool:
+        """Whether ``model`` runs in channels-last memory order: the setting, or auto's choice for this network."""
+        return is_conv_net(model) if self.channels_last is None else self.channels_last

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
-import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
 from lightning.pytorch.utilities.exceptions import SIGTERMException
@@ -27,7 +26,7 @@ from kd.results.report import print_summary
 from kd.students.card import CardInCheckpoint, StudentCard, card_for
 from kd.students.ema import check_ema_decay
 from kd.students.export import export_student
-from kd.students.fast import check_compile, wants_channels_last
+from kd.students.fast import FastPath
 from kd.students.speed import student_speed
 from kd.tasks.auto_weights import auto_weights
 from kd.tasks.checks import check_before_work, check_model_keywords
@@ -46,6 +45,7 @@ from kd.tasks.models import cache_settings
 from kd.tasks.records import model_records, write_results
 from kd.teachers.ensemble import fingerprint_record
 from kd.teachers.fill import teacher_for_run
+from kd.teachers.guards import TeacherGuard
 from kd.teachers.precision import computed_precisions
 from kd.teachers.views import teacher_view_metrics
 from kd.training.optim import OptimizerRecipe
@@ -81,8 +81,9 @@ def fit(cfg: DictConfig, task: str, given: Given | None = None) -> dict:
     resume = ResumePoint.find(cfg.get("ckpt_path"), run.trainer)
     teacher, student = models_for(cfg, task, given, run)  # trains weights=auto models, fills teacher.cache
     module = distillation_module(cfg, run, student, teacher)
-    if resume is not None:
-        resume.check(module, teacher and teacher.start_fingerprint, run.data.batch_size, run.trainer.world_size)
+    if resume is not None:  # the teacher (its guard then skips this checkpoint), the student, the data position
+        run.teacher_guard.check_resume(resume.checkpoint, resume.path, teacher)
+        resume.check(module, run.data.batch_size, run.trainer.world_size)
     records = model_records(cfg, task)  # read once: the card, the dashboards' tags and results.json
     card = student_card(run, records, student, teacher)
     attach_loggers(cfg, run.trainer, records)  # every check has passed: only now do csv/ and wandb/ appear
@@ -107,6 +108,7 @@ class Run:
 
     out: Path
     loss: DistillationLoss
+    fast: FastPath  # the student's channels_last and compile
     mixup: BatchMixup | None
     optimizer: OptimizerRecipe
     scheduler: object
@@ -117,6 +119,7 @@ class Run:
     history: ValidationHistory
     card_callback: CardInCheckpoint
     stopper: StopOnRequeueSignal  # SLURM's SIGUSR1: stop at a step boundary, then requeue
+    teacher_guard: TeacherGuard  # also checks a resumed checkpoint's teacher before any work
 
 
 def reseed(cfg: DictConfig) -> None:
@@ -129,8 +132,8 @@ def prepare(cfg: DictConfig, task: str, given: Given) -> Run:
     out = output_dir(cfg)
     loss = given.loss if given.loss is not None else instantiate(cfg.loss)
     check_model_keywords(cfg, loss, with_teacher=task == "distill")  # before any builder sees them
-    check_compile(bool(cfg.student.get("compile", False)), loss.feature_stages().student)  # before any work
-    wants_channels_last(cfg.student.get("channels_last", "auto"), torch.nn.Module())  # refuses a bad value now
+    student_stages = loss.feature_stages().student
+    fast = FastPath.checked(cfg.student.get("channels_last", "auto"), cfg.student.get("compile", False), student_stages)
     ema_decay = check_ema_decay(cfg.student.get("ema_decay")) if cfg.student.get("ema", False) else None
     mixup = instantiate(cfg.mixup) if cfg.get("mixup") else None  # checks the batch size before any work
     teacher_view = check_teacher_view(str(OmegaConf.select(cfg, "teacher.view", default="consistent")))
@@ -145,11 +148,10 @@ def prepare(cfg: DictConfig, task: str, given: Given) -> Run:
     if task == "distill" and loss.uses_teacher and isinstance(data, ClassificationData):
         data.teacher_view = teacher_view  # the teacher's own images travel in the batches (kd.data.augment)
     throughput, history, card_callback = TrainThroughput(), ValidationHistory(), CardInCheckpoint(None)
-    stopper = StopOnRequeueSignal()
-    trainer = build_trainer(cfg, out, [throughput, history, card_callback, stopper])
+    parts = (throughput, history, card_callback, StopOnRequeueSignal(), TeacherGuard())
+    trainer = build_trainer(cfg, out, list(parts))
     check_before_work(cfg, data, loss, scheduler, trainer)
-    parts = (throughput, history, card_callback, stopper)
-    return Run(out, loss, mixup, optimizer, scheduler, data, ema_decay, trainer, *parts)
+    return Run(out, loss, fast, mixup, optimizer, scheduler, data, ema_decay, trainer, *parts)
 
 
 def models_for(cfg: DictConfig, task: str, given: Given, run: Run) -> tuple[object | None, Classifier]:
@@ -174,11 +176,10 @@ def distillation_module(cfg: DictConfig, run: Run, student: Classifier, teacher:
         run.data.num_classes,
         teacher,
         run.mixup,
-        channels_last=cfg.student.get("channels_last", "auto"),
-        compile=bool(cfg.student.get("compile", False)),
         ema_decay=run.ema_decay,
+        fast=run.fast,
     )
-    run.loss.bind_data(len(run.data.train_set))  # before the resume check compares loss.* shapes (CRD's memories)
+    module.bind_data(len(run.data.train_set))  # before the resume check compares loss.* shapes (CRD's memories)
     return module
 
 

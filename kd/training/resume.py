@@ -161,26 +161,14 @@ class ResumePoint:
         path = resolve_checkpoint(ckpt_path, trainer)
         return cls(path, read_checkpoint(path)) if path is not None else None
 
-    def check(
-        self, module: L.LightningModule, teacher_fingerprint: str | None, batch_size: int, processes: int
-    ) -> None:
-        """Refuse a checkpoint that this run cannot continue exactly."""
-        check_teacher(self.checkpoint, self.path, teacher_fingerprint)
+    def check(self, module: L.LightningModule, batch_size: int, processes: int) -> None:
+        """Refuse a checkpoint that this run cannot continue exactly (its teacher: ``kd.teachers.guards``)."""
         check_student(self.checkpoint, self.path, module)
         check_data_position(self.checkpoint, self.path, {"batch_size": batch_size, "num_replicas": processes})
         log.info(
             "resuming from %s (epoch %d, step %d)", self.path, self.checkpoint["epoch"], self.checkpoint["global_step"]
         )
         self.checkpoint = {}  # Lightning reads the file itself
-
-
-def check_teacher(checkpoint: dict[str, Any], path: Path, teacher_fingerprint: str | None) -> None:
-    saved = checkpoint.get("teacher_fingerprint")
-    if saved and teacher_fingerprint and saved != teacher_fingerprint:
-        raise KdError(
-            f"checkpoint {path} was distilled from another teacher (fingerprint {saved[:12]}, this run's teacher "
-            f"is {teacher_fingerprint[:12]}); resume with the teacher and teacher.weights the run started with"
-        )
 
 
 def check_student(checkpoint: dict[str, Any], path: Path, module: L.LightningModule) -> None:

@@ -10,13 +10,15 @@ from safetensors.torch import load_file
 from torch import nn
 
 from kd.errors import KdError
+from kd.losses import AttentionTransfer, HintonKD
 from kd.module import DistillationModule
 from kd.students.card import card_for
 from kd.students.export import export_student
-from kd.students.fast import is_conv_net, wants_channels_last
+from kd.students.fast import FastPath, is_conv_net, wants_channels_last
 from kd.tasks.common import build_data, optimizer_factory
 from kd.tasks.models import build_student, build_teacher
 from kd.tasks.train import fit
+from tests.tiny_models import tiny_student, tiny_teacher
 
 # CRD's CIFAR pair at its smallest: resnet8 teaches resnet20, random weights, 10 random 32 px classes.
 PAIR = [
@@ -130,3 +132,14 @@ def test_compiling_the_student_with_a_feature_loss_is_refused_before_any_work(ma
 def test_a_bad_channels_last_value_is_refused_before_any_work(make_cfg):
     with pytest.raises(KdError, match="student.channels_last='sometimes'"):
         fit(make_cfg("student.channels_last=sometimes"), task="distill")
+
+
+def test_a_module_built_without_a_task_checks_its_own_fast_path_and_takes_a_tasks_as_it_is():
+    with pytest.raises(KdError, match="student.compile=true .* intermediate features"):
+        DistillationModule(tiny_student(), AttentionTransfer(), num_classes=10, teacher=tiny_teacher(), compile=True)
+    with pytest.raises(KdError, match="student.channels_last='fast'"):
+        DistillationModule(tiny_student(), HintonKD(), num_classes=10, teacher=tiny_teacher(), channels_last="fast")
+    auto = FastPath.checked("auto", False, ())
+    assert auto == FastPath(None, False) and auto.channels_last_for(tiny_student())  # a conv net: channels-last
+    given = DistillationModule(tiny_student(), HintonKD(), num_classes=10, teacher=tiny_teacher(), fast=FastPath(False))
+    assert not given.channels_last and given.student_forward is given.student

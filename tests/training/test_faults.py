@@ -18,6 +18,7 @@ from kd.models import Classifier, Preprocessing
 from kd.models.convnet import ConvNet
 from kd.module import DistillationModule
 from kd.tasks.train import fit
+from kd.training.guards import FiniteCheckpoints
 from kd.training.resume import AtomicCheckpointIO
 from tests.conftest import FAST, ROOT
 
@@ -59,10 +60,11 @@ def test_non_finite_weights_are_never_checkpointed():
     student = Classifier(ConvNet(10, width=4, depth=2), Preprocessing((0.5,), (0.5,), (1, 8, 8)))
     module = DistillationModule(student, LabelCrossEntropy(), torch.optim.SGD, None, 10)
     state = {k: v.clone() for k, v in module.state_dict().items()}
-    module.on_save_checkpoint({"state_dict": state})  # finite: accepted
+    guard = FiniteCheckpoints()  # DistillationModule.configure_callbacks adds it to every Trainer
+    guard.on_save_checkpoint(None, module, {"state_dict": state})  # finite: accepted
     state["student.net.fc.bias"][3] = float("inf")
     with pytest.raises(NonFiniteError, match=r"the student's weights became non-finite \(student.net.fc.bias\)"):
-        module.on_save_checkpoint({"state_dict": state})
+        guard.on_save_checkpoint(None, module, {"state_dict": state})
 
 
 class Unpicklable:

@@ -1,5 +1,6 @@
 """A killed run resumes from its last checkpoint and ends exactly where the uninterrupted run ends."""
 
+import collections
 import json
 import os
 import random
@@ -17,10 +18,13 @@ from safetensors.torch import save_file
 from kd.data.digits import DigitsData
 from kd.data.sampling import ResumableSampler, SeededViews, validation_sampler
 from kd.launch.run import user_error
+from kd.losses.base import DistillationLoss
+from kd.students import fast
 from kd.tasks.auto_weights import AutoWeights
 from kd.tasks.common import build_data
 from kd.tasks.models import build_teacher
 from kd.tasks.train import fit
+from kd.teachers import guards
 from kd.training.resume import RestoreRng
 from tests.conftest import FAST, ROOT, assert_only_hydra_files, run_cli
 
@@ -199,6 +203,27 @@ def test_resuming_a_finished_run_trains_no_further(make_cfg, finished_run):
     results = fit(make_cfg(*overrides, f"ckpt_path={folder}/checkpoints/last.ckpt"), task="distill")
     finished = json.loads((folder / "results.json").read_text())["metrics"]
     assert results["metrics"]["student/top1"] == finished["student/top1"]
+
+
+def test_a_resumed_run_makes_each_check_once(make_cfg, finished_run, monkeypatch):
+    """The task checks before any work; the module and its callbacks do not check the same thing again."""
+    calls = collections.Counter()
+
+    def counted(name, function):
+        def wrapper(*args, **kwargs):
+            calls[name, id(args[0]) if name == "bind_data" else None] += 1
+            return function(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(fast, "check_compile", counted("check_compile", fast.check_compile))
+    monkeypatch.setattr(fast, "channels_last_setting", counted("channels_last", fast.channels_last_setting))
+    monkeypatch.setattr(guards, "check_teacher", counted("check_teacher", guards.check_teacher))
+    monkeypatch.setattr(DistillationLoss, "bind_data", counted("bind_data", DistillationLoss.bind_data))
+    folder, overrides, _ = finished_run
+    fit(make_cfg(*overrides, f"ckpt_path={folder}/checkpoints/last.ckpt"), task="distill")
+    assert {name for name, _ in calls} == {"check_compile", "channels_last", "check_teacher", "bind_data"}
+    assert set(calls.values()) == {1}, calls  # bind_data: once for each loss (the run's kd loss)
 
 
 # ---------------------------------------------------------------- the pieces that make resuming exact
