@@ -154,7 +154,9 @@ def run_precision(cfg: DictConfig) -> str | int:
     device_type = device_type_of(cfg.trainer.get("accelerator"))
     chosen = trainer_precision(given, device_type)
     if str(given) == "auto" and chosen == "bf16-mixed":
-        log.info("the student trains in bf16-mixed (%s; trainer.precision=32-true for float32)", hardware_name(device_type))
+        log.info(
+            "the student trains in bf16-mixed (%s; trainer.precision=32-true for float32)", hardware_name(device_type)
+        )
     elif str(given) == "auto":
         log.info("the student trains in float32, 32-true (trainer.precision=auto: no native bf16 on this %s)",
                  "GPU" if device_type == "cuda" else device_type.upper())  # fmt: skip

@@ -25,6 +25,7 @@ import lightning as L
 import numpy as np
 import torch
 import torchvision
+from lightning.fabric.plugins.precision import MixedPrecision
 from torch.utils.data import DataLoader, Dataset
 
 from kd.data import ClassificationData
@@ -173,8 +174,12 @@ def run_teacher(teacher: FrozenTeacher, images: torch.Tensor, fabric: L.Fabric) 
     """The teacher's logits as the training step gets them: same device, same precision (Lightning's
     precision plugin for ``trainer.precision``)."""
     precision = fabric.strategy.precision
+    # Lightning's Trainer hands a mixed-precision step its float32 batch as it is (autocast casts inside each op);
+    # Fabric's MixedPrecision would round the images to bf16/fp16 first. Only a true half precision converts them.
+    if not isinstance(precision, MixedPrecision):
+        images = precision.convert_input(images)
     with precision.forward_context():
-        return teacher(precision.convert_input(images))
+        return teacher(images)
 
 
 def view_filler(teacher: FrozenTeacher, views: SeededViews, data: ClassificationData, fabric: L.Fabric) -> EpochFiller:

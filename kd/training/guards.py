@@ -21,6 +21,12 @@ class FiniteCheckpoints(L.Callback):
         if broken is not None:
             raise NonFiniteError(
                 f"the student's weights became non-finite ({broken}) by step {pl_module.global_step}, so the run "
-                "stopped and kept its last good checkpoint; lower optim.lr or clip gradients "
-                "(trainer.gradient_clip_val=1.0)"
+                f"stopped and kept its last good checkpoint; {remedy(str(trainer.precision))}"
             )
+
+
+def remedy(precision: str) -> str:
+    """What to try. In reduced precision first float32: PyTorch's CPU bf16 convolution can return NaN weight
+    gradients for a kernel larger than its 1x1 input map (a 5-stage ResNet on 8x8 images), with a finite loss."""
+    fixes = "lower optim.lr or clip gradients (trainer.gradient_clip_val=1.0)"
+    return fixes if precision.startswith(("32", "64")) else f"train in float32 (trainer.precision=32-true), {fixes}"

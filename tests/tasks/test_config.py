@@ -15,7 +15,7 @@ from kd.data import ClassificationData
 from kd.data.mixup import BatchMixup
 from kd.launch.configs import CONF_DIR
 from kd.losses import DistillationLoss
-from kd.tasks.common import optimizer_factory
+from kd.tasks.common import optimizer_factory, run_precision
 from tests.tiny_models import loss_on_images
 
 GROUPS = ("data", "loss", "mixup", "optim", "sched", "trainer", "logger", "callbacks", "task", "experiment")
@@ -93,7 +93,8 @@ def test_trainer_options_instantiate(make_cfg, option):
     cfg = make_cfg(f"trainer={option}")
     if cfg.trainer.accelerator == "gpu" and not torch.cuda.is_available():
         pytest.skip(f"trainer={option} needs GPUs (it composes: {cfg.trainer.strategy}, {cfg.trainer.devices} devices)")
-    assert isinstance(instantiate(cfg.trainer), L.Trainer)
+    # precision=auto is kd's: the task resolves it for the device before Lightning sees it
+    assert isinstance(instantiate(cfg.trainer, precision=run_precision(cfg)), L.Trainer)
 
 
 @pytest.mark.parametrize("option", options("logger"))

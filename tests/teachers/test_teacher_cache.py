@@ -238,7 +238,7 @@ def shared_root(tmp_path_factory):
 
 
 @pytest.mark.parametrize(
-    "change", ["teacher", "transform", "seed=1", "teacher.cache_topk=3", "trainer.precision=bf16-mixed"]
+    "change", ["teacher", "transform", "seed=1", "teacher.cache_topk=3", "trainer.precision=32-true"]
 )
 def test_a_changed_teacher_transform_seed_k_or_precision_invalidates_the_cache(make_cfg, shared_root, change):
     base = [*FAST, f"teacher.cache={shared_root}"]  # the unchanged setup is written once for all cases

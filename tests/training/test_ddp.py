@@ -10,6 +10,7 @@ from hydra.utils import instantiate
 
 from kd.errors import KdError
 from kd.tasks.checks import check_distributed_launch
+from kd.tasks.common import run_precision
 from tests.conftest import run_cli
 
 # Random models (no weights=auto training needed): the point is the distributed machinery, not accuracy.
@@ -50,7 +51,7 @@ def test_ddp_inside_a_local_multirun_is_refused(make_cfg):
     def check(mode: RunMode) -> None:
         cfg = make_cfg("trainer=ddp_cpu")
         cfg.hydra.mode = mode
-        trainer = instantiate(cfg.trainer)  # constructing a Trainer starts no process
+        trainer = instantiate(cfg.trainer, precision=run_precision(cfg))  # constructing a Trainer starts no process
         HydraConfig.instance().set_config(cfg)
         check_distributed_launch(trainer)
 

@@ -29,6 +29,8 @@ SETUP = [
     f"sched.min_lr={MIN_LR}",
     f"sched.warmup_epochs={WARMUP_EPOCHS}",
     f"trainer.max_epochs={EPOCHS}",
+    # float32: one process and two must agree to 1e-5, which bf16-mixed's rounding (batches of 64 vs 2 x 32) does not
+    "trainer.precision=32-true",
 ]
 
 

@@ -24,7 +24,11 @@ class BreakTheStudent(L.Callback):
                 pl_module.student.net.fc.bias[3] = float("inf")
 
 
-def test_a_checkpoint_with_non_finite_weights_is_never_written_by_a_users_trainer(tmp_path):
+@pytest.mark.parametrize(
+    "precision, advice",
+    [("32-true", "; lower optim.lr or clip"), ("bf16-mixed", "; train in float32 (trainer.precision=32-true), lower")],
+)
+def test_a_checkpoint_with_non_finite_weights_is_never_written_by_a_users_trainer(tmp_path, precision, advice):
     generator = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.rand(32, 1, 8, 8, generator=generator), torch.randint(0, 10, (32,), generator=generator))
     module = DistillationModule(
@@ -34,10 +38,11 @@ def test_a_checkpoint_with_non_finite_weights_is_never_written_by_a_users_traine
     every_step = ModelCheckpoint(dirpath=folder, every_n_train_steps=1, save_top_k=-1)  # runs after BreakTheStudent
     trainer = L.Trainer(
         max_steps=4, logger=False, enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
-        default_root_dir=tmp_path, callbacks=[BreakTheStudent(), every_step],
+        default_root_dir=tmp_path, callbacks=[BreakTheStudent(), every_step], precision=precision,
     )  # fmt: skip
     with pytest.raises(
         NonFiniteError, match=r"the student's weights became non-finite \(student.net.fc.bias\) by step 2"
-    ):
+    ) as refused:
         trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=8))
+    assert advice in str(refused.value) and len(str(refused.value)) < 300
     assert sorted(p.name for p in folder.iterdir()) == ["epoch=0-step=1.ckpt"]
