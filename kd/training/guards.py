@@ -21,7 +21,7 @@ class FiniteCheckpoints(L.Callback):
         if broken is not None:
             raise NonFiniteError(
                 f"the student's weights became non-finite ({broken}) by step {pl_module.global_step}, so the run "
-                f"stopped and kept its last good checkpoint; {remedy(str(trainer.precision))}"
+                f"stopped and kept its last good checkpoint; {remedy(str(getattr(trainer, 'precision', '32-true')))}"
             )
 
 
