@@ -94,7 +94,7 @@ class DistillationModule(L.LightningModule):
             )
         student, teacher, num_classes = checked_models(student, teacher, num_classes)
         # A teacher without a classifier (timm's num_classes=0) gives features: it teaches feature losses only.
-        self.embedding_teacher = bool(getattr(getattr(teacher, "teacher", teacher), "embedding", False))
+        self.embedding_teacher = teacher is not None and bool(getattr(teacher.live, "embedding", False))
         if self.embedding_teacher and loss.uses_teacher_logits:
             raise KdError(
                 f"loss {type(loss).__name__} compares class predictions, but the teacher has no classifier "

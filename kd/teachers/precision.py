@@ -57,5 +57,6 @@ def describe_choice(precision: str, resolved: str, device_type: str) -> str:
 
 def computed_precisions(teacher: torch.nn.Module, device_type: str) -> list[str]:
     """What a frozen teacher, a cached one's or each member of an ensemble computes in on ``device_type``."""
-    members = getattr(teacher, "members", None) or [getattr(teacher, "teacher", teacher)]
+    live = teacher.live  # a cached teacher's own network (kd.teachers.cache.CachedTeacher.live)
+    members = getattr(live, "members", None) or [live]
     return sorted({member.resolved_precision(device_type) for member in members})
